@@ -1,0 +1,8 @@
+"""The divergence triangle, grown progressively.
+
+The repository's top-level folders are this package's subpackages (see pyproject.toml):
+``triangle.networks`` (networks/), ``triangle.datasets`` (datasets/),
+``triangle.progressive`` (progressive/) and ``triangle.metrics`` (metrics/).
+"""
+
+__version__ = "0.1.0"
