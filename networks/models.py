@@ -14,6 +14,7 @@ output of one sample depends on that sample alone.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .config import NetworkConfig, Stage
@@ -141,7 +142,8 @@ class _EncoderHead(nn.Module):
 class Encoder(_Growable):
     """The image -> vector trunk shared by the energy and inference models.
 
-    ``features(x, fade_alpha)``: ``B x 3 x R x R`` -> ``B x out``. While fading into R:
+    ``features(x, fade_alpha)``: ``B x 3 x R x R`` -> ``B x out`` (fp32 or wider, also under
+    autocast). While fading into R:
     ``h = (1-a)·fromRGB_{R/2}(down(x)) + a·block_R(fromRGB_R(x))``.
     """
 
@@ -172,7 +174,9 @@ class Encoder(_Growable):
             trunk = self.stage.block_resolutions[::-1]
         for res in trunk:
             h = self.blocks[str(res)](h)
-        return self.head(h)
+        out = self.head(h)
+        # At least fp32 under bf16/fp16 autocast: B or B x 2d values, cheap, and exp()'d downstream.
+        return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 class Energy(Encoder):

@@ -273,3 +273,12 @@ def test_compiles_without_graph_breaks():
         compiled = torch.compile(net, backend="eager", fullgraph=True)
         alpha = torch.tensor(0.4)
         torch.testing.assert_close(compiled(x, alpha), net(x, alpha))
+
+
+def test_energy_and_inference_outputs_are_fp32_under_bf16_autocast():
+    g, f, q = (build_network(k, TINY, Stage(8, True)) for k in ("generator", "energy", "inference"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = g(torch.randn(2, TINY.latent_dim), torch.tensor(0.5))
+        e, (mu, logvar) = f(x, 0.5), q(x, 0.5)
+    assert x.dtype == torch.bfloat16  # image-sized: left in the compute dtype
+    assert e.dtype == mu.dtype == logvar.dtype == torch.float32
