@@ -46,9 +46,9 @@ def test_round_trip_every_level(tmp_path, codec):
             want = torch.from_numpy(ref[r]).permute(2, 0, 1)
             if meta.codecs[r] in ("raw", "png"):
                 assert torch.equal(got, want), (i, r)
-            else:  # JPEG q95 (4:2:0 chroma, sharp synthetic edges): small mean error
+            else:  # JPEG q95, 4:4:4 chroma at these sizes
                 err = (got.float() - want.float()).abs()
-                assert err.mean() < 4.0 and err.max() < 96, (i, r, err.mean(), err.max())
+                assert err.mean() < 2.5 and err.max() < 40, (i, r, err.mean(), err.max())
     ds.close()
 
 
