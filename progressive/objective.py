@@ -1,0 +1,189 @@
+"""The divergence triangle objective (paper eq. 13, Algorithm 1; DESIGN §2).
+
+    D = KL(Q‖P) + KL(P‖Π) − KL(Q‖Π),   max over α, min over θ and φ,
+
+with Q = q_data(x) q_φ(z|x), P = p(z) p_θ(x|z), Π = π_α(x) q_φ(z|x), π_α ∝ exp f_α.
+log Z(α) cancels between the last two terms, so no MCMC is needed. Per batch, with ``x``
+data, ``z ~ N(0, I)``, ``x̃ = g(z)`` and ``z̃ ~ q_φ(z|x)``, each step minimises:
+
+====================  ==========================================================================
+step                  loss (the part of D, or −D for α, that depends on its parameters)
+====================  ==========================================================================
+α (energy)            mean f(x̃) − mean f(x)                                     (eq. 17)
+φ (inference)         w_rec·R(x, g(z̃)) + w_kl·KL(q_φ(·|x) ‖ N(0, I)) + w_lat·NLL(z | q_φ(·|x̃))
+θ (generator)         w_rec·R(x, g(z̃)) − w_e·mean f(x̃) + w_lat·NLL(z | q_φ(·|x̃))
+====================  ==========================================================================
+
+* ``R`` is −log p_θ(x|z̃) up to a constant: the per-image sum of squared errors, which is the
+  Gaussian's with σ² = ½ (the reference code's choice; no noise is added to g(z)). From 4² to
+  1024² this sum grows 65,536×, while the energy and latent terms do not, so fixed weights
+  would shift the balance at every stage. **Balance rule:** R is rescaled to
+  ``rec_reference_pixels`` pixels (32×32, where the reference weights were tuned):
+  ``R = SSE · rec_reference_pixels / (H·W)``, i.e. σ² grows with the pixel count so that the
+  likelihood term keeps the weight it has at 32×32. ``tests/test_objective.py`` checks that,
+  at initialisation, R relative to the energy term stays within a fixed factor at every
+  resolution 4…1024.
+* ``KL`` is the closed form of KL(N(μ, σ²) ‖ N(0, I)), averaged over the latent dimensions as
+  in the reference code (an effective weight w_kl/d on the summed KL).
+* ``NLL`` is the diagonal Gaussian negative log density of z under q_φ(·|x̃), summed over the
+  latent dimensions: the φ- and θ-parts of KL(P‖Π) (the entropy of p_θ(x|z) is constant).
+
+The ablations of the paper's §3.2 switch terms off (``TERMS``): ``vae`` is KL(Q‖P) alone,
+``acd`` is KL(P‖Π) − KL(Q‖Π) (adversarial contrastive divergence, no reconstruction),
+``wake-sleep`` learns the generator from KL(Q‖P) and the inference model from dream pairs
+(z, x̃) alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Which terms of D each step uses."""
+
+    energy: bool  # the α step, and an energy model at all
+    inference_rec: bool  # φ learns from R(x, g(z̃)) through z̃ (else z̃ is a constant sample)
+    inference_kl: bool  # φ learns from KL(q_φ(·|x) ‖ N(0, I))
+    inference_lat: bool  # φ learns from NLL(z | q_φ(·|x̃)) on dream pairs
+    generator_rec: bool  # θ learns from R(x, g(z̃))
+    generator_energy: bool  # θ learns from −f(x̃)
+    generator_lat: bool  # θ learns from NLL(z | q_φ(·|x̃)) through x̃
+
+    @property
+    def needs_posterior_sample(self) -> bool:
+        """Whether z̃ ~ q_φ(z|x) (and so g(z̃)) is used at all."""
+        return self.inference_rec or self.inference_kl or self.generator_rec
+
+    @property
+    def uses_latent_nll(self) -> bool:
+        return self.inference_lat or self.generator_lat
+
+
+TERMS = {
+    "triangle": Terms(True, True, True, True, True, True, True),
+    "vae": Terms(False, True, True, False, True, False, False),
+    "acd": Terms(True, False, False, True, False, True, True),
+    "wake-sleep": Terms(False, False, False, True, True, False, False),
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Weights and variant of the objective (reference values from the public code at 32²)."""
+
+    kind: str = "triangle"  # triangle | vae | acd | wake-sleep (paper §3.2 ablations)
+    w_rec: float = 1.0  # on R, the per-image SSE rescaled to rec_reference_pixels
+    w_kl: float = 1.0  # on the closed-form KL averaged over latent dims (effective 1/d)
+    w_lat: float = 0.1  # on NLL(z | q(x̃)), summed over latent dims
+    w_e: float = 1.0  # on −mean f(x̃) in the generator step
+    rec_reference_pixels: int = 32 * 32  # the balance rule: R = SSE · this / (H·W)
+    fused: bool = True  # share passes between the φ and θ steps (see step.py); False = strict
+    generator_steps: int = 1  # θ steps per iteration (paper: "optional multiple-step update")
+    grad_clip: float = 100.0  # max grad norm of each network; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.kind not in TERMS:
+            raise ValueError(f"objective kind must be one of {sorted(TERMS)}, got {self.kind!r}")
+        if self.generator_steps < 1:
+            raise ValueError("generator_steps must be >= 1")
+
+    @property
+    def terms(self) -> Terms:
+        return TERMS[self.kind]
+
+    @property
+    def uses_energy(self) -> bool:
+        return self.terms.energy
+
+    def rec_scale(self, resolution: int) -> float:
+        """The balance rule's factor on the per-image SSE at ``resolution``."""
+        return self.rec_reference_pixels / float(resolution * resolution)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ObjectiveConfig:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- the pieces of D, per image -------------------------------------------------------------
+
+
+def sum_squared_error(x: Tensor, x_rec: Tensor) -> Tensor:
+    """Per-image sum of squared errors. x, x_rec: B×C×H×W in [-1, 1] -> B."""
+    return (x.float() - x_rec.float()).square().flatten(1).sum(1)
+
+
+def gaussian_kl_to_standard(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ, diag e^logvar) ‖ N(0, I)) per image, summed over dims. B×d -> B."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def gaussian_nll(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """−log N(z; μ, diag e^logvar) per image, summed over dims. B×d -> B."""
+    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    return 0.5 * (LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar)).sum(1)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
+    """z = μ + exp(½ logvar)·ε, ε ~ N(0, I) given as ``noise``. B×d -> B×d."""
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+# --- the three step losses (DESIGN §2's table) -----------------------------------------------
+
+
+def energy_loss(f_real: Tensor, f_fake: Tensor) -> Tensor:
+    """α step: mean f(x̃) − mean f(x); minimising it raises f on data, lowers it on samples."""
+    return f_fake.float().mean() - f_real.float().mean()
+
+
+def inference_loss(cfg: ObjectiveConfig, rec: Tensor | None, kl: Tensor | None,
+                   lat_nll: Tensor | None) -> Tensor:
+    """φ step: w_rec·R + w_kl·KL/d + w_lat·NLL, batch means; ``None`` for a term the variant
+    omits. ``rec`` is R already rescaled by the balance rule (B); ``kl`` is ``kl_per_dim`` (B);
+    ``lat_nll`` is ``gaussian_nll`` of the prior z under q(·|x̃) (B)."""
+    loss = torch.zeros((), device=_device(rec, kl, lat_nll))
+    t = cfg.terms
+    if t.inference_rec and rec is not None:
+        loss = loss + cfg.w_rec * rec.mean()
+    if t.inference_kl and kl is not None:
+        loss = loss + cfg.w_kl * kl.mean()
+    if t.inference_lat and lat_nll is not None:
+        loss = loss + cfg.w_lat * lat_nll.mean()
+    return loss
+
+
+def generator_loss(cfg: ObjectiveConfig, rec: Tensor | None, f_fake: Tensor | None,
+                   lat_nll: Tensor | None) -> Tensor:
+    """θ step: w_rec·R − w_e·mean f(x̃) + w_lat·NLL, batch means."""
+    loss = torch.zeros((), device=_device(rec, f_fake, lat_nll))
+    t = cfg.terms
+    if t.generator_rec and rec is not None:
+        loss = loss + cfg.w_rec * rec.mean()
+    if t.generator_energy and f_fake is not None:
+        loss = loss - cfg.w_e * f_fake.float().mean()
+    if t.generator_lat and lat_nll is not None:
+        loss = loss + cfg.w_lat * lat_nll.mean()
+    return loss
+
+
+def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
+    """The KL term as the reference code weights it: summed KL / d. B×d -> B."""
+    return gaussian_kl_to_standard(mu, logvar) / mu.shape[1]
+
+
+def _device(*tensors: Tensor | None) -> torch.device:
+    return next(t.device for t in tensors if t is not None)

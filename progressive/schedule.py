@@ -1,0 +1,207 @@
+"""The growing schedule: a pure function of the number of images shown.
+
+Like PGGAN's ``TrainingSchedule``, everything that changes during training (resolution,
+phase, fade level, batch size, learning rates) is computed from ``images_seen`` alone, so
+a resume needs one number and the whole schedule can be printed before training starts.
+
+Timeline (images, all ranks together)::
+
+    4x4 stable | 8x8 fade | 8x8 stable | 16x16 fade | ... | R fade | R stable (to the end)
+
+The first stage has no fade. Each later resolution has a fade phase of ``fade_kimg`` and
+a stable phase of ``stable_kimg`` thousand images; the last stable phase runs until
+``total_kimg`` when that is given (and longer than the schedule), else for ``stable_kimg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from triangle.networks import Stage, stage_sequence
+
+# PGGAN's CelebA-HQ minibatch sizes (global, all GPUs together) per resolution.
+DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}
+# What one 80 GB GPU holds with the default widths in fp32 (bench/RESULTS.md measures it).
+DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 32, 256: 16, 512: 8,
+                       1024: 4}
+
+
+def _int_keys(mapping: dict[Any, int]) -> dict[int, int]:
+    """JSON turns int keys into strings; this turns them back."""
+    return {int(k): int(v) for k, v in mapping.items()}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """What the schedule depends on besides the images shown."""
+
+    max_resolution: int = 1024  # last resolution grown to (a power of two, >= 4)
+    fade_kimg: float = 600.0  # thousands of images in each fade phase (PGGAN: 600)
+    stable_kimg: float = 600.0  # thousands of images in each stable phase (PGGAN: 600)
+    total_kimg: float | None = None  # end of training; None = end of the last stable phase
+    batch_per_resolution: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_BATCH))
+    per_gpu_batch_cap: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_PER_GPU_CAP))
+    lr_generator: float = 1e-3  # Adam learning rates at images_seen = 0
+    lr_inference: float = 1e-3
+    lr_energy: float = 3e-4  # the reference code's energy:generator ratio of 1:3
+    lr_decay: float = 0.998  # learning rates x lr_decay every lr_decay_kimg (reference:
+    lr_decay_kimg: float = 50.0  # x0.998 per 500 iterations of 100 images)
+
+    def __post_init__(self) -> None:
+        # Accept JSON-loaded dicts (string keys) transparently.
+        object.__setattr__(self, "batch_per_resolution", _int_keys(self.batch_per_resolution))
+        object.__setattr__(self, "per_gpu_batch_cap", _int_keys(self.per_gpu_batch_cap))
+        res = self.max_resolution
+        if res < 4 or res & (res - 1):
+            raise ValueError(f"max_resolution must be a power of two >= 4, got {res}")
+        if self.fade_kimg <= 0 or self.stable_kimg <= 0:
+            raise ValueError("fade_kimg and stable_kimg must be positive")
+        for r in resolutions(res):
+            for name, table in (("batch_per_resolution", self.batch_per_resolution),
+                                ("per_gpu_batch_cap", self.per_gpu_batch_cap)):
+                if table.get(r, 0) < 1:
+                    raise ValueError(f"{name} has no positive entry for resolution {r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScheduleConfig:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """Everything the trainer needs at one moment of training."""
+
+    stage_index: int  # position in stage_sequence(max_resolution)
+    stage: Stage
+    fade_alpha: float  # in [0, 1): the weight of the new layers during a fade; 1.0 when stable
+    global_batch: int  # images in this step, all ranks together (a multiple of world_size)
+    per_gpu_batch: int  # global_batch // world_size
+    lr_generator: float
+    lr_inference: float
+    lr_energy: float
+    phase_start_images: int  # images_seen at which this phase began
+    phase_end_images: int  # ... and ends (the total for the last phase)
+    done: bool  # images_seen has reached the total
+
+    @property
+    def resolution(self) -> int:
+        return self.stage.resolution
+
+    @property
+    def fading(self) -> bool:
+        return self.stage.fading
+
+    @property
+    def phase_name(self) -> str:
+        return f"{self.resolution}x{self.resolution} {'fade' if self.fading else 'stable'}"
+
+
+def resolutions(max_resolution: int) -> list[int]:
+    """[4, 8, ..., max_resolution]."""
+    return [2**k for k in range(2, int(math.log2(max_resolution)) + 1)]
+
+
+def phase_boundaries(cfg: ScheduleConfig) -> list[tuple[Stage, int, int]]:
+    """(stage, start images, end images) for every phase, in order."""
+    out, start = [], 0
+    stages = stage_sequence(cfg.max_resolution)
+    for i, stage in enumerate(stages):
+        kimg = cfg.fade_kimg if stage.fading else cfg.stable_kimg
+        end = start + round(kimg * 1000)
+        if i == len(stages) - 1 and cfg.total_kimg is not None:
+            end = max(end, round(cfg.total_kimg * 1000))
+        out.append((stage, start, end))
+        start = end
+    return out
+
+
+def total_images(cfg: ScheduleConfig) -> int:
+    """Images shown by the end of training."""
+    last_end = phase_boundaries(cfg)[-1][2]
+    return last_end if cfg.total_kimg is None else round(cfg.total_kimg * 1000)
+
+
+def batch_sizes(cfg: ScheduleConfig, resolution: int, world_size: int = 1) -> tuple[int, int]:
+    """(global, per-GPU) batch at a resolution: the table's batch, capped by what
+    ``world_size`` GPUs hold, rounded down to a multiple of ``world_size``."""
+    per_gpu = max(1, min(cfg.batch_per_resolution[resolution] // world_size,
+                         cfg.per_gpu_batch_cap[resolution]))
+    return per_gpu * world_size, per_gpu
+
+
+def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> ScheduleState:
+    """The state of training after ``images_seen`` images (a pure function).
+
+    The last step of a phase is shortened so that the next phase starts at exactly its
+    configured image count (to within ``world_size - 1`` images, as every step must give
+    each rank the same number of images).
+    """
+    if images_seen < 0:
+        raise ValueError("images_seen must be >= 0")
+    phases = phase_boundaries(cfg)
+    index = next((i for i, (_, _, end) in enumerate(phases) if images_seen < end),
+                 len(phases) - 1)
+    stage, start, end = phases[index]
+    total = total_images(cfg)
+    done = images_seen >= total
+    end = min(end, total)
+
+    fade_alpha = min(1.0, (images_seen - start) / (end - start)) if stage.fading else 1.0
+    global_batch, per_gpu = batch_sizes(cfg, stage.resolution, world_size)
+    remaining = end - images_seen
+    if 0 < remaining < global_batch:
+        per_gpu = -(-remaining // world_size)  # ceil: never a zero-image step
+        global_batch = per_gpu * world_size
+
+    decay = cfg.lr_decay ** (images_seen / (cfg.lr_decay_kimg * 1000))
+    return ScheduleState(
+        stage_index=index,
+        stage=stage,
+        fade_alpha=fade_alpha,
+        global_batch=global_batch,
+        per_gpu_batch=per_gpu,
+        lr_generator=cfg.lr_generator * decay,
+        lr_inference=cfg.lr_inference * decay,
+        lr_energy=cfg.lr_energy * decay,
+        phase_start_images=start,
+        phase_end_images=end,
+        done=done,
+    )
+
+
+def stage_table(cfg: ScheduleConfig, world_size: int = 1) -> list[dict[str, Any]]:
+    """One row per phase: what ``--dry-run`` prints before training starts."""
+    rows = []
+    total = total_images(cfg)
+    for stage, start, end in phase_boundaries(cfg):
+        if start >= total:
+            break
+        end = min(end, total)
+        global_batch, per_gpu = batch_sizes(cfg, stage.resolution, world_size)
+        rows.append({
+            "resolution": stage.resolution,
+            "phase": "fade" if stage.fading else "stable",
+            "start_kimg": start / 1000,
+            "end_kimg": end / 1000,
+            "global_batch": global_batch,
+            "per_gpu_batch": per_gpu,
+            "steps": -(-(end - start) // global_batch),
+        })
+    return rows
+
+
+def format_stage_table(rows: list[dict[str, Any]]) -> str:
+    """The stage table as aligned text."""
+    header = f"{'resolution':>10} {'phase':>6} {'kimg':>19} {'batch':>6} {'per GPU':>7} {'steps':>8}"
+    lines = [header]
+    for r in rows:
+        kimg = f"{r['start_kimg']:g}-{r['end_kimg']:g}"
+        lines.append(f"{r['resolution']:>10} {r['phase']:>6} {kimg:>19} {r['global_batch']:>6} "
+                     f"{r['per_gpu_batch']:>7} {r['steps']:>8}")
+    return "\n".join(lines)

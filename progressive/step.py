@@ -1,0 +1,274 @@
+"""One training iteration of Algorithm 1: the α, φ and θ steps, in that order.
+
+Network passes. The public reference code runs 3 generator, 4 inference and 3 energy
+forwards per iteration. The default (``fused=True``) runs, in images, 2B through the
+generator (one call on ``[z, z̃]``), 2B through the inference model (``x`` and ``x̃``) and
+3B through the energy model (one call on ``[x, x̃]`` for α, one on ``x̃`` for θ), with one
+backward for α and one shared backward for φ and θ:
+
+* ``R(x, g(z̃))`` is the same term in the φ and θ losses, taken at the same sample z̃ and the
+  same θ (θ is stepped after φ): one backward gives both gradients exactly.
+* ``KL`` has no θ-gradient and ``−f(x̃)`` no φ-gradient, so adding them to the shared loss
+  changes neither network's gradient.
+* ``NLL(z | q_φ(x̃))``: its φ-gradient does not depend on whether x̃ is detached, so one pass
+  serves both steps. The one difference from the strict order is here: the θ-gradient of this
+  term is taken at φ before its update rather than after it (a one-step lag in φ only).
+* The θ step scores x̃ with the *updated* energy, as Algorithm 1 does: that needs the second
+  energy pass, on x̃ alone, after the α step.
+
+``fused=False`` keeps the strict order of Algorithm 1 (φ stepped, then every θ-term recomputed
+at the new φ): 3B generator, 3B inference and 3B energy images per iteration.
+
+Distributed training: each backward calls each wrapped (DDP) network at most once; the other
+passes use the unwrapped module, with its parameters' ``requires_grad`` switched off where it
+is only a function to backpropagate through (stylegan2-ada's scheme). So no network's
+gradients are all-reduced in a backward that does not step it, and every parameter of a
+wrapped call receives a gradient (no ``find_unused_parameters``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from triangle.networks import frozen
+from triangle.progressive.objective import (
+    ObjectiveConfig,
+    energy_loss,
+    gaussian_nll,
+    generator_loss,
+    inference_loss,
+    kl_per_dim,
+    reparameterize,
+    sum_squared_error,
+)
+
+
+class TrainModels(NamedTuple):
+    generator: nn.Module
+    energy: nn.Module
+    inference: nn.Module
+
+
+class TrainOptimizers(NamedTuple):
+    generator: torch.optim.Optimizer
+    energy: torch.optim.Optimizer
+    inference: torch.optim.Optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss was NaN or infinite; raised before the optimiser step that would apply it."""
+
+    def __init__(self, term: str, value: float):
+        super().__init__(f"non-finite {term} loss ({value})")
+        self.term = term
+        self.value = value
+
+
+class TriangleStep:
+    """Runs one iteration of the α, φ and θ steps on a batch.
+
+    Call with the (possibly Accelerate-prepared) models and optimisers, a real batch
+    ``x_real`` (B×3×R×R float in [-1, 1], already faded with ``fade_images``), prior samples
+    ``z`` (B×d) and the fade level. Returns detached 0-d tensors for logging; nothing is
+    synchronised with the host except the finiteness checks of the three losses.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
+                 z: Tensor, fade_alpha: float, accelerator: Any = None) -> dict[str, Tensor]:
+        run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator)
+        return run.iteration(x_real, z)
+
+
+class _Runner:
+    """The state of one iteration: which calls go through the wrapped networks."""
+
+    def __init__(self, cfg: ObjectiveConfig, models: TrainModels, optimizers: TrainOptimizers,
+                 fade_alpha: float, accelerator: Any):
+        self.cfg, self.terms = cfg, cfg.terms
+        self.wrapped, self.opt, self.a = models, optimizers, fade_alpha
+        self.acc = accelerator
+        unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
+        self.raw = TrainModels(*(unwrap(m) for m in models))
+        # Whether q(x) goes through the wrapped inference network (φ learns from it); if not,
+        # q(x̃) does: one wrapped call per network and backward.
+        self.q_real_wrapped = cfg.terms.needs_posterior_sample and (
+            cfg.terms.inference_rec or cfg.terms.inference_kl)
+        self.metrics: dict[str, Tensor] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
+
+    def apply(self, name: str, loss: Tensor, *names: str) -> None:
+        """Check ``loss``, backpropagate it and step the optimisers of ``names``."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(name, float(loss.detach()))
+        for n in names:
+            getattr(self.opt, n).zero_grad(set_to_none=True)
+        if self.acc is not None:
+            self.acc.backward(loss)
+        else:
+            loss.backward()
+        for n in names:
+            params = [p for p in getattr(self.raw, n).parameters() if p.grad is not None]
+            if self.cfg.grad_clip > 0:
+                clip = (self.acc.clip_grad_norm_ if self.acc is not None
+                        else torch.nn.utils.clip_grad_norm_)
+                norm = clip(params, self.cfg.grad_clip)
+            else:
+                norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().norm() for p in params]))
+            self.metrics[f"grad_norm_{n}"] = norm.detach()
+            getattr(self.opt, n).step()
+
+    # -- the iteration ----------------------------------------------------------------------
+    def iteration(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
+        cfg, t, a = self.cfg, self.terms, self.a
+        g, f, q = self.wrapped
+        rec_scale = cfg.rec_scale(x.shape[-1])
+
+        with self.autocast():
+            # z̃ ~ q_φ(z|x). Through the wrapped network when φ learns from it.
+            z_rec = mu = logvar = None
+            if t.needs_posterior_sample:
+                with contextlib.nullcontext() if self.q_real_wrapped else torch.no_grad():
+                    mu, logvar = (q if self.q_real_wrapped else self.raw.inference)(x, a)
+                z_rec = reparameterize(mu, logvar, torch.randn_like(mu))
+                if not t.inference_rec:
+                    z_rec = z_rec.detach()
+            # x̃ = g(z) and g(z̃) in one generator call; x̃ keeps its graph for the θ step.
+            needs_fake = t.energy or t.uses_latent_nll
+            if z_rec is not None and cfg.fused:
+                zs = [z, z_rec.to(z.dtype)] if needs_fake else [z_rec.to(z.dtype)]
+                out = g(torch.cat(zs), a).split(len(z))
+                x_fake, x_rec = out if needs_fake else (None, out[0])
+            else:
+                x_fake, x_rec = g(z, a), None
+
+            # α step: mean f(x̃) − mean f(x), no graph through g.
+            if t.energy:
+                f_real, f_fake_old = f(torch.cat([x, x_fake.detach()]), a).split(len(x))
+                loss_e = energy_loss(f_real, f_fake_old)
+                self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean()
+                                    .detach(), f_fake=f_fake_old.float().mean().detach())
+        if t.energy:
+            self.apply("energy", loss_e, "energy")
+
+        if cfg.fused:
+            self.fused_phi_theta(x, z, x_fake, x_rec, mu, logvar, rec_scale)
+        else:
+            self.strict_phi(x, z, x_fake, z_rec, mu, logvar, rec_scale)
+            self.theta(x, z, x_fake, z_rec, rec_scale)
+        for _ in range(cfg.generator_steps - 1):
+            self.theta(x, z, None, z_rec, rec_scale)
+        return self.metrics
+
+    def fused_phi_theta(self, x, z, x_fake, x_rec, mu, logvar, rec_scale) -> None:
+        """φ and θ steps from one backward (module docstring: what is shared, and why)."""
+        cfg, t, a = self.cfg, self.terms, self.a
+        with self.autocast():
+            rec = sum_squared_error(x, x_rec) * rec_scale if x_rec is not None else None
+            kl = kl_per_dim(mu, logvar) if t.inference_kl else None
+            lat_nll = None
+            if t.uses_latent_nll:
+                q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
+                x_in = x_fake if t.generator_lat else x_fake.detach()
+                lat_nll = gaussian_nll(z, *q_fake(x_in, a))
+            f_fake = None
+            if t.generator_energy:
+                with frozen(self.raw.energy):
+                    f_fake = self.raw.energy(x_fake, a)  # scored by the updated energy
+            loss_phi = inference_loss(cfg, rec, kl, lat_nll)
+            loss_theta = generator_loss(cfg, rec, f_fake, lat_nll)
+            shared = _shared_loss(cfg, rec, kl, lat_nll, f_fake)
+        self._record(x, rec, rec_scale, kl, lat_nll, loss_phi, loss_theta)
+        if not torch.isfinite(loss_phi):
+            raise NonFiniteLossError("inference", float(loss_phi.detach()))
+        self.apply("generator", shared, "generator", "inference")
+
+    def strict_phi(self, x, z, x_fake, z_rec, mu, logvar, rec_scale) -> None:
+        """φ step of Algorithm 1 with its own passes; θ gets no gradient from it."""
+        cfg, t, a = self.cfg, self.terms, self.a
+        with self.autocast():
+            rec = kl = lat_nll = None
+            if t.inference_rec:
+                with frozen(self.raw.generator):
+                    rec = sum_squared_error(x, self.raw.generator(z_rec, a)) * rec_scale
+            if t.inference_kl:
+                kl = kl_per_dim(mu, logvar)
+            if t.inference_lat:
+                q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
+                lat_nll = gaussian_nll(z, *q_fake(x_fake.detach(), a))
+            loss_phi = inference_loss(cfg, rec, kl, lat_nll)
+        self._record(x, rec, rec_scale, kl, lat_nll, loss_phi, None)
+        self.apply("inference", loss_phi, "inference")
+
+    def theta(self, x, z, x_fake, z_rec, rec_scale) -> None:
+        """A θ step at the current α and φ; ``x_fake=None`` recomputes x̃ = g(z).
+
+        The wrapped generator is called once per backward: for x̃ (and g(z̃)) when x̃ is
+        recomputed, else x̃ already came from it and g(z̃) uses the unwrapped module."""
+        cfg, t, a = self.cfg, self.terms, self.a
+        with self.autocast():
+            rec = f_fake = lat_nll = None
+            zs = [] if x_fake is not None else [z]
+            if t.generator_rec:
+                zs.append(z_rec.detach().to(z.dtype))
+            if zs:
+                generator = self.wrapped.generator if x_fake is None else self.raw.generator
+                out = generator(torch.cat(zs), a).split(len(z))
+                if x_fake is None:
+                    x_fake, out = out[0], out[1:]
+                if t.generator_rec:
+                    rec = sum_squared_error(x, out[0]) * rec_scale
+            if t.generator_energy:
+                with frozen(self.raw.energy):
+                    f_fake = self.raw.energy(x_fake, a)
+            if t.generator_lat:
+                with frozen(self.raw.inference):
+                    lat_nll = gaussian_nll(z, *self.raw.inference(x_fake, a))
+            loss_theta = generator_loss(cfg, rec, f_fake, lat_nll)
+        self.metrics["loss_generator"] = loss_theta.detach()
+        self.apply("generator", loss_theta, "generator")
+
+    def _record(self, x, rec, rec_scale, kl, lat_nll, loss_phi, loss_theta) -> None:
+        m = self.metrics
+        if rec is not None:
+            # Per-pixel MSE in [-1, 1] units (Table 2's quantity): SSE / (3·H·W).
+            m["rec_mse"] = (rec.detach().mean() / rec_scale / x[0].numel())
+        if kl is not None:
+            m["kl"] = kl.detach().mean()
+        if lat_nll is not None:
+            m["lat_nll"] = lat_nll.detach().mean()
+        m["loss_inference"] = loss_phi.detach()
+        if loss_theta is not None:
+            m["loss_generator"] = loss_theta.detach()
+
+
+def _shared_loss(cfg: ObjectiveConfig, rec, kl, lat_nll, f_fake) -> Tensor:
+    """The sum of every term of the φ and θ losses, each once.
+
+    Its φ-gradient is the φ-loss's and its θ-gradient the θ-loss's, because each term either
+    appears in both losses with the same weight or has no gradient for the other network.
+    A term present in only one loss (wake-sleep's R for θ, with z̃ detached; acd's NLL) is
+    added once too.
+    """
+    t = cfg.terms
+    loss = torch.zeros((), device=next(v.device for v in (rec, kl, lat_nll, f_fake)
+                                       if v is not None))
+    if rec is not None and (t.inference_rec or t.generator_rec):
+        loss = loss + cfg.w_rec * rec.mean()
+    if kl is not None and t.inference_kl:
+        loss = loss + cfg.w_kl * kl.mean()
+    if lat_nll is not None and t.uses_latent_nll:
+        loss = loss + cfg.w_lat * lat_nll.mean()
+    if f_fake is not None and t.generator_energy:
+        loss = loss - cfg.w_e * f_fake.float().mean()
+    return loss

@@ -1,0 +1,102 @@
+"""The stage scheduler: a pure function of images shown (PGGAN's TrainingSchedule)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from triangle.networks import Stage, stage_sequence
+from triangle.progressive.schedule import (
+    ScheduleConfig,
+    format_stage_table,
+    phase_boundaries,
+    schedule,
+    stage_table,
+    total_images,
+)
+
+CFG = ScheduleConfig(max_resolution=32, fade_kimg=1.0, stable_kimg=1.5,
+                     batch_per_resolution={4: 96, 8: 64, 16: 48, 32: 32},
+                     per_gpu_batch_cap={4: 64, 8: 64, 16: 64, 32: 16})
+
+
+def run(cfg, start=0, world_size=1):
+    """Step through training as the loop does, from ``start`` images: [(images_seen, state)]."""
+    out, n = [], start
+    while True:
+        st = schedule(n, cfg, world_size)
+        if st.done:
+            return out
+        out.append((n, st))
+        n += st.global_batch
+
+
+def test_phases_change_at_exactly_the_configured_image_counts():
+    steps = run(CFG)
+    changes = [n for (_, a), (n, b) in zip(steps, steps[1:]) if a.stage != b.stage]
+    assert changes == [1500, 2500, 4000, 5000, 6500, 7500]
+    assert [st.stage for n, st in steps if n in [0] + changes] == stage_sequence(32)
+
+
+def test_max_res_is_reached_where_configured_and_training_ends_at_the_total():
+    assert phase_boundaries(CFG)[-1] == (Stage(32, False), 7500, 9000)
+    assert total_images(CFG) == 9000
+    last_n, last = run(CFG)[-1]
+    assert last.stage == Stage(32, False) and last_n + last.global_batch == 9000
+    assert schedule(9000, CFG).done
+    longer = dataclasses.replace(CFG, total_kimg=20)
+    assert run(longer)[-1][1].stage == Stage(32, False) and total_images(longer) == 20000
+
+
+def test_alpha_is_continuous_and_monotone_within_a_fade():
+    for stage, start, end in phase_boundaries(CFG):
+        alphas = [schedule(n, CFG).fade_alpha for n in range(start, end, 7)]
+        if not stage.fading:
+            assert set(alphas) == {1.0}
+            continue
+        assert alphas[0] == 0.0 and all(0 <= a < 1 for a in alphas)
+        assert all(b > a for a, b in zip(alphas, alphas[1:]))
+        # Continuous: a step of 7 images moves alpha by 7 / phase length.
+        assert max(b - a for a, b in zip(alphas, alphas[1:])) == pytest.approx(7 / (end - start))
+
+
+def test_schedule_is_the_same_fresh_or_after_a_resume():
+    fresh = run(CFG)
+    for cut in (1, 17, len(fresh) // 2, len(fresh) - 1):
+        n = fresh[cut][0]
+        # The resumed run knows only images_seen and a config that went through JSON.
+        restored = ScheduleConfig.from_dict(json.loads(json.dumps(CFG.to_dict())))
+        assert restored == CFG
+        assert run(restored, start=n) == fresh[cut:]
+
+
+def test_batch_sizes_follow_the_table_the_gpu_cap_and_the_world_size():
+    assert schedule(0, CFG).global_batch == 64  # capped by one GPU's 64
+    assert schedule(0, CFG, world_size=2).global_batch == 96  # 48 per GPU
+    assert schedule(0, CFG, world_size=2).per_gpu_batch == 48
+    st = schedule(8000, CFG, world_size=4)
+    assert (st.global_batch, st.per_gpu_batch) == (32, 8)
+    for world in (1, 2, 3):
+        for _, st in run(CFG, world_size=world):
+            assert st.global_batch == st.per_gpu_batch * world
+
+
+def test_learning_rates_decay_with_images_shown():
+    cfg = dataclasses.replace(CFG, lr_decay=0.5, lr_decay_kimg=2.0)
+    assert schedule(0, cfg).lr_generator == cfg.lr_generator
+    assert schedule(4000, cfg).lr_energy == pytest.approx(cfg.lr_energy * 0.25)
+
+
+def test_stage_table_lists_every_phase():
+    rows = stage_table(CFG)
+    assert [(r["resolution"], r["phase"]) for r in rows] == [
+        (s.resolution, "fade" if s.fading else "stable") for s in stage_sequence(32)]
+    assert sum(r["steps"] for r in rows) == len(run(CFG))
+    assert "fade" in format_stage_table(rows)
+
+
+@pytest.mark.parametrize("bad", [dict(max_resolution=48), dict(max_resolution=2),
+                                 dict(fade_kimg=0), dict(batch_per_resolution={4: 8})])
+def test_impossible_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        dataclasses.replace(CFG, **bad)
