@@ -145,7 +145,8 @@ def open_env(path: str | os.PathLike, *, write: bool = False, map_size: int = 0)
 # LMDB refuses a second handle on one environment in a process, yet a process may hold a
 # train and a test dataset of one file, plus read_metadata or verify: readers share one
 # handle per (process, path). Entries inherited through a fork carry the parent's pid and
-# are replaced, never used. This is the package's only module-level state.
+# are closed in the child (py-lmdb still counts them as open there) and replaced, never
+# used. This is the package's only module-level state.
 _READERS: dict[str, list] = {}  # realpath -> [pid, env, users]
 
 
@@ -153,7 +154,12 @@ def acquire_reader(path: str | os.PathLike) -> lmdb.Environment:
     """This process's read-only handle on ``path`` (opened on first use); pair with release_reader."""
     key = os.path.realpath(os.fspath(path))
     entry = _READERS.get(key)
-    if entry is None or entry[0] != os.getpid():
+    if entry is not None and entry[0] != os.getpid():
+        # Inherited through fork. Closing a readonly, lock-free handle only unmaps this
+        # process's copy of the file; the parent's handle is untouched.
+        entry[1].close()
+        entry = None
+    if entry is None:
         entry = _READERS[key] = [os.getpid(), open_env(path), 0]
     entry[2] += 1
     return entry[1]

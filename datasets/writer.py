@@ -231,7 +231,7 @@ def write_lmdb(
     batch_size: int = 0,  # images per LMDB commit; 0: by resolution
     map_size: int = 0,  # initial map size in bytes; 0: estimated (grown when full either way)
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,  # called with items handled since last call
+    progress: Callable[[int, int, int], None] | None = None,  # (items just handled, handled so far, total)
 ) -> WriteReport:
     """Prepare (or resume preparing) ``path`` from ``source``; return what was done."""
     path = os.fspath(path)
@@ -256,6 +256,8 @@ def write_lmdb(
     start = state["next_item"]
     test_items = set(source.test_items)
     t0 = time.perf_counter()
+    if progress:
+        progress(0, start, n)
     try:
         records: list[tuple[bytes, bytes]] = []
         in_batch = 0
@@ -275,7 +277,7 @@ def write_lmdb(
             if in_batch >= batch_size or pos + 1 == n:
                 _commit(env, records + [(PREP_KEY, json.dumps(state).encode())])
                 if progress:
-                    progress(in_batch)
+                    progress(in_batch, pos + 1, n)
                 records, in_batch = [], 0
         count = state["written"]
         if count == 0:
