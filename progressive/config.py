@@ -1,0 +1,191 @@
+"""The one typed configuration of a training run: ``TrainConfig``.
+
+It composes the network (``NetworkConfig``), the growing schedule (``ScheduleConfig``) and the
+objective (``ObjectiveConfig``) with the data, run, optimiser, EMA, checkpoint, precision and
+seed settings. ``train.py`` builds it from the command line, writes it as
+``training_options.json`` into the run directory and passes it to ``training_loop``; every
+checkpoint carries it too, so a resume can tell whether the command still describes the run.
+
+Two presets: ``demo_config()`` (no ``--data``: the built-in procedural dataset, tiny networks and
+a schedule that finishes in about five minutes on a 2-core CPU) and the paper's defaults (the
+dataclass defaults: PGGAN's 600k+600k images per phase, 512-d latent, widths up to 512).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from triangle.networks import NetworkConfig
+from triangle.progressive.objective import ObjectiveConfig
+from triangle.progressive.schedule import ScheduleConfig
+
+PRECISIONS = ("no", "bf16", "fp16")
+MOMENT_POLICIES = ("reset", "carry")
+NAN_POLICIES = ("stop", "rollback")
+
+
+class UserError(Exception):
+    """A problem with the user's settings or run directory: reported as one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (the command line maps onto these fields)."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # Data and run.
+    data: str | None = None  # multi-resolution LMDB; None = the built-in demo dataset
+    demo_count: int = 2000  # images of the demo dataset (rendered into the run dir when data is None)
+    demo_holdout: int = 64  # of which held out as its test split (the reconstruction grids)
+    run_dir: str = "runs/demo-16-triangle"  # checkpoints, metrics, grids; re-running resumes here
+    seed: int = 0  # weights, latents (per rank: seed and rank), data order, grid z
+    # Optimiser (Adam, one per network; learning rates come from the schedule).
+    adam_beta1: float = 0.5  # the reference code's betas (0.5, 0.999)
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # The reference code decays the generator's weights by 5e-4; with equalised-lr parameters
+    # stored as N(0, 1) a decay acts on the unscaled weights (~sqrt(fan_in) times stronger), so
+    # the default is 0.
+    generator_weight_decay: float = 0.0
+    adam_moments: str = "reset"  # at a stage rebuild: 'reset' (PGGAN) or 'carry' (by param name)
+    # EMA of the generator (stylegan2-ada): half-life in kimg, ramp-up as a fraction of images seen.
+    ema_kimg: float = 10.0
+    ema_rampup: float | None = 0.05  # None: no ramp-up
+    # Precision: 'bf16' autocast is what to use on GPUs; fp16 shares one GradScaler.
+    mixed_precision: str = "no"
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests of bit-exact resume)
+    # Reporting and checkpoints.
+    tick_kimg: float = 4.0  # progress line, metrics.jsonl record and grids every tick
+    checkpoint_kimg: float = 50.0  # checkpoint every this many kimg (and at every stage end)
+    keep_checkpoints: int = 3  # the last K checkpoints are kept
+    grid_samples: int = 64  # fixed-z samples per grid (EMA and raw generator)
+    grid_reconstructions: int = 16  # held-out images reconstructed per grid
+    tensorboard: bool = False  # also log through Accelerate's TensorBoard tracker
+    num_workers: int = 2  # DataLoader workers per process
+    flip: bool = True  # random horizontal flips of the real images
+    # Divergence guard.
+    nan_policy: str = "stop"  # 'stop', or 'rollback' to the last checkpoint with a lower lr
+    rollback_lr_factor: float = 0.5  # learning rates x this after each roll-back
+    max_rollbacks: int = 3  # then stop
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}"),
+            (self.adam_moments in MOMENT_POLICIES, f"adam_moments must be one of {MOMENT_POLICIES}"),
+            (self.nan_policy in NAN_POLICIES, f"nan_policy must be one of {NAN_POLICIES}"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must lie in [0, 1)"),
+            (self.ema_kimg > 0, "ema_kimg must be positive"),
+            (self.tick_kimg > 0 and self.checkpoint_kimg > 0, "tick_kimg and checkpoint_kimg must be positive"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.grid_samples >= 1 and self.grid_reconstructions >= 0, "grid sizes must be positive"),
+            (self.demo_count > self.demo_holdout >= 0, "demo_count must exceed demo_holdout"),
+            (0 < self.rollback_lr_factor < 1, "rollback_lr_factor must lie in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def max_resolution(self) -> int:
+        return self.schedule.max_resolution
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        values = dict(values)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        parts = {"network": NetworkConfig, "schedule": ScheduleConfig, "objective": ObjectiveConfig}
+        for name, kind in parts.items():
+            if name in values and isinstance(values[name], dict):
+                values[name] = kind.from_dict(values[name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def demo_config() -> TrainConfig:
+    """The embedded default: the demo dataset at 16x16, tiny networks, ~5 minutes on 2 CPU cores."""
+    return TrainConfig(
+        network=NetworkConfig(latent_dim=64, channel_base=1024, channel_max=64),
+        schedule=ScheduleConfig(
+            max_resolution=16,
+            fade_kimg=6.0,
+            stable_kimg=6.0,
+            batch_per_resolution={4: 32, 8: 32, 16: 32},
+            per_gpu_batch_cap={4: 256, 8: 256, 16: 256},
+        ),
+        run_dir="runs/demo-16-triangle",
+        ema_kimg=1.0,
+        tick_kimg=2.0,
+        checkpoint_kimg=6.0,
+        num_workers=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: which differences between a checkpoint's configuration and the command's matter.
+
+# Settings that only change how the run is reported or stored: they may differ on resume.
+RUNTIME_FIELDS = frozenset({
+    "run_dir", "tick_kimg", "checkpoint_kimg", "keep_checkpoints", "grid_samples",
+    "grid_reconstructions", "tensorboard", "num_workers", "max_rollbacks",
+})
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"network": {"latent_dim": 8}}`` -> ``{"network.latent_dim": 8}`` (dict tables kept whole)."""
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key in ("network", "schedule", "objective"):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, current value)}`` for every field that differs (dotted names)."""
+    a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_compatible(saved: dict[str, Any], current: TrainConfig, allow_change: bool,
+                            checkpoint: str) -> list[str]:
+    """Raise UserError unless ``current`` may continue a checkpoint made with ``saved``.
+
+    - network widths, latent size and the like (``network.*``) can never change: the saved
+      weights would not fit;
+    - anything else but the runtime settings (``RUNTIME_FIELDS``) - max resolution, schedule,
+      objective, learning rates, seed, data, precision - is refused unless ``allow_change``
+      (``--allow-config-change``): the same command resumes, another one is a new experiment;
+    Returns the accepted differences, as ``field: old -> new`` strings, for the log.
+    """
+    diffs = {k: v for k, v in config_differences(saved, current.to_dict()).items()
+             if k not in RUNTIME_FIELDS}
+    fixed = [k for k in diffs if k.startswith("network.")]
+    described = [f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in diffs]
+    if fixed:
+        raise UserError(
+            f"{checkpoint} was trained with other network shapes ({'; '.join(described)}); "
+            "the weights cannot be reused: use another --run-dir")
+    if diffs and not allow_change:
+        raise UserError(
+            f"{checkpoint} was made with another configuration ({'; '.join(described)}); "
+            "re-run the same command to resume, use another --run-dir for a new run, or pass "
+            "--allow-config-change to continue with the new settings")
+    return described

@@ -1,0 +1,99 @@
+"""What a run writes besides checkpoints: its options, metrics.jsonl, stages.jsonl, progress lines.
+
+A run directory holds (all written by the main process):
+
+| file | what |
+| --- | --- |
+| ``training_options.json`` | the TrainConfig, as ``--dry-run`` prints it |
+| ``metrics.jsonl`` | one JSON object per tick: losses per term, f(data), f(generated), reconstruction error, grad norms, images/s, stage, alpha, lr, memory |
+| ``stages.jsonl`` | one JSON object per stage rebuild: images seen, old and new stage, seconds, per-rank weight checksums, prepared models/optimisers, memory |
+| ``log.txt`` | the terminal's progress lines |
+| ``grids/`` | PNG sample grids (EMA and raw generator, fixed z) and reconstructions of held-out images |
+| ``checkpoint-<images>.pt`` | the last K checkpoints (see checkpoint.py) |
+| ``DONE`` | written when the schedule is complete |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import torch
+
+OPTIONS_FILE = "training_options.json"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonLines:
+    """Append-only JSON-lines file, flushed per record so a killed run keeps what it wrote."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fh = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def truncate_jsonl(path: str | os.PathLike, images_seen: int) -> None:
+    """Drop records after ``images_seen`` (those of a killed run past its last checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("images_seen", 0) <= images_seen:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+class Console:
+    """Progress lines to stdout and to ``log.txt`` (main process only)."""
+
+    def __init__(self, run_dir: str | os.PathLike | None) -> None:
+        self._fh = open(Path(run_dir) / "log.txt", "a", buffering=1) if run_dir else None
+
+    def print(self, line: str) -> None:
+        print(line, flush=True)
+        if self._fh:
+            self._fh.write(line + "\n")
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+
+
+def stage_label(resolution: int, fading: bool) -> str:
+    return f"{resolution}x{resolution} {'fade' if fading else 'stable'}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Process resident memory (and CUDA peak allocated on GPU), in MiB."""
+    stats = {"rss_mib": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        stats["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return stats
