@@ -152,6 +152,7 @@ def common(max_res_default: int | None):
             click.option("--holdout", type=int, default=None, help="Hold out this many images as the test split."),
             click.option("--holdout-seed", type=int, default=0, show_default=True),
             click.option("--workers", type=int, default=None, help="Processes (default: all cores)."),
+            click.option("--batch-size", type=int, default=0, help="Images per LMDB commit (default: by size)."),
             click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out."),
             click.option("--verify", is_flag=True, help="Re-read and decode every record afterwards."),
         ]
