@@ -1,0 +1,156 @@
+"""Speed of one full α+φ+θ iteration, per resolution, against this machine's peak.
+
+    python bench/step.py [--max-res 64] [--device cpu|cuda] [--batch B] [--precision fp32|bf16]
+
+For each resolution up to ``--max-res`` (stable stage), prints images/s of one iteration at the
+scheduled batch size (or ``--batch``), FLOPs per iteration (torch.utils.flop_counter, forward
+and backward), the achieved FLOP/s as a fraction of the machine's peak — the faster of a large
+fp32 matmul and a 3×3 convolution measured in the same run — and the network passes per
+iteration (images through each network / batch), fused (default) and strict (Algorithm 1's
+order). The public reference code runs 3 generator, 4 inference and 3 energy passes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from triangle.networks import NetworkConfig, Stage, build_network
+from triangle.progressive.objective import ObjectiveConfig
+from triangle.progressive.schedule import ScheduleConfig, batch_sizes
+from triangle.progressive.step import TrainModels, TrainOptimizers, TriangleStep
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, min_seconds: float, min_reps: int = 2) -> float:
+    """Seconds per call of ``fn`` after one warm-up call."""
+    fn()
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_seconds:
+        fn()
+        reps += 1
+    sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def machine_peak(device: torch.device, seconds: float) -> tuple[float, float]:
+    """FLOP/s of a large fp32 matmul and of a large 3×3 convolution on ``device``."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    matmul = 2 * n**3 / timed(lambda: a @ b, device, seconds)
+    batch, ch, size = (64, 512, 32) if device.type == "cuda" else (8, 256, 32)
+    x = torch.randn(batch, ch, size, size, device=device)
+    conv = torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False).to(device)
+    with torch.no_grad():
+        conv_rate = 2 * 9 * ch * ch * size * size * batch / timed(lambda: conv(x), device, seconds)
+    return matmul, conv_rate
+
+
+class PassCounter:
+    """Counts the images that go through each network's forward."""
+
+    def __init__(self, models: TrainModels):
+        self.images = dict.fromkeys(TrainModels._fields, 0)
+        self.handles = [m.register_forward_hook(self.hook(name))
+                        for name, m in zip(TrainModels._fields, models)]
+
+    def hook(self, name):
+        def count(module, args, output):
+            self.images[name] += args[0].shape[0]
+        return count
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def measure(resolution: int, batch: int, net: NetworkConfig, objective: ObjectiveConfig,
+            device: torch.device, dtype: str, seconds: float) -> dict:
+    torch.manual_seed(0)
+    stage = Stage(resolution, False)
+    models = TrainModels(*(build_network(k, net, stage).to(device)
+                           for k in ("generator", "energy", "inference")))
+    opts = TrainOptimizers(*(torch.optim.Adam(m.parameters(), lr=1e-5, betas=(0.5, 0.999))
+                             for m in models))
+    step = TriangleStep(objective)
+    x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    z = torch.randn(batch, net.latent_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def iteration():
+        with autocast:
+            step(models, opts, x, z, 1.0)
+
+    counter = PassCounter(models)
+    iteration()
+    passes = {k: v / batch for k, v in counter.images.items()}
+    counter.remove()
+    with FlopCounterMode(display=False) as flops:
+        iteration()
+    seconds_per_iter = timed(iteration, device, seconds)
+    out = {"seconds": seconds_per_iter, "flops": flops.get_total_flops(), "passes": passes}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+@click.command()
+@click.option("--max-res", default=None, type=int, help="Last resolution [64 on CPU, 1024 on GPU].")
+@click.option("--min-res", default=4, show_default=True, type=int)
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+              show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--batch", default=None, type=int, help="Batch size [the schedule's, per GPU].")
+@click.option("--channel-max", default=None, type=int,
+              help="Network width cap [512 on GPU (the default config), 128 on CPU].")
+@click.option("--latent-dim", default=512, show_default=True)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="Also time Algorithm 1's strict order, for the ratio.")
+@click.option("--seconds", default=3.0, show_default=True, help="Minimum timing per figure.")
+def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, strict, seconds):
+    dev = torch.device(device)
+    max_res = max_res or (1024 if dev.type == "cuda" else 64)
+    channel_max = channel_max or (512 if dev.type == "cuda" else 128)
+    net = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max)
+    schedule_cfg = ScheduleConfig(max_resolution=max_res)
+    matmul, conv = machine_peak(dev, seconds)
+    peak = max(matmul, conv)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    click.echo(f"device: {name}; torch {torch.__version__}; {precision}; widths: "
+               f"channel_max {channel_max}, latent {latent_dim}")
+    click.echo(f"peak: matmul {matmul / 1e9:.1f} GFLOP/s, 3x3 conv {conv / 1e9:.1f} GFLOP/s "
+               f"-> {peak / 1e9:.1f}")
+    click.echo(f"{'res':>5} {'batch':>5} {'img/s':>9} {'GFLOP/it':>10} {'GFLOP/s':>9} "
+               f"{'of peak':>7} {'passes G/I/E':>13} | {'strict img/s':>12} {'passes':>9} "
+               f"{'fused/strict':>12}")
+    res = min_res
+    while res <= max_res:
+        b = batch or batch_sizes(schedule_cfg, res)[1]
+        fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds)
+        rate = fused["flops"] / fused["seconds"]
+        p = fused["passes"]
+        line = (f"{res:>5} {b:>5} {b / fused['seconds']:>9.1f} {fused['flops'] / 1e9:>10.1f} "
+                f"{rate / 1e9:>9.1f} {rate / peak:>7.2f} "
+                f"{p['generator']:>4g}/{p['inference']:g}/{p['energy']:g}".ljust(66))
+        if strict:
+            ref = measure(res, b, net, ObjectiveConfig(fused=False), dev, precision, seconds)
+            q = ref["passes"]
+            line += (f" | {b / ref['seconds']:>12.1f} {q['generator']:>3g}/{q['inference']:g}/"
+                     f"{q['energy']:g} {ref['seconds'] / fused['seconds']:>12.2f}")
+        if "peak_mem_gib" in fused:
+            line += f"  peak {fused['peak_mem_gib']:.1f} GiB"
+        click.echo(line)
+        res *= 2
+
+
+if __name__ == "__main__":
+    main()
