@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import math
 import time
 from dataclasses import dataclass
@@ -206,8 +205,7 @@ class _Trainer:
     def _release(self) -> None:
         """Drop every reference to the prepared models and optimisers (DESIGN §3)."""
         self.models = self.optimizers = None
-        self.acc.free_memory()
-        gc.collect()
+        self.acc.free_memory()  # also runs the garbage collector
 
     def _restore(self, payload: dict) -> None:
         """Networks, EMA, optimisers, counters and RNG states from a checkpoint payload."""
@@ -240,6 +238,9 @@ class _Trainer:
         """Resume from the latest checkpoint, or build the networks at 4x4."""
         found = [str(ckpt.latest_checkpoint(self.run_dir) or "")] if self.main else [""]
         found = broadcast_object_list(found)[0] if self.world > 1 else found[0]
+        if self.main:  # drop records past the checkpoint (or all, for a fresh start)
+            for name in ("metrics.jsonl", "stages.jsonl"):
+                truncate_jsonl(self.run_dir / name, self._checkpoint_images(found))
         if not found:
             nets = [n.to(self.device) for n in self._build(Stage(4, False))]
             self.ema = copy.deepcopy(nets[0]).eval().requires_grad_(False)
@@ -254,19 +255,29 @@ class _Trainer:
         accepted = check_resume_compatible(payload["config"], self.cfg, self.allow_config_change,
                                            found)
         self._restore(payload)
+        st = schedule(self.images_seen, self.cfg.schedule, self.world)
+        if st.stage.index < self.stage.index:
+            raise UserError(
+                f"with the new schedule, kimg {self.images_seen / 1000:g} falls in {st.phase_name}, "
+                f"before the checkpoint's {stage_label(self.stage.resolution, self.stage.fading)}: "
+                "networks cannot shrink; keep the phase lengths up to this point")
         for line in accepted:
             self._print(f"config change accepted: {line}")
-        if self.main:
-            for name in ("metrics.jsonl", "stages.jsonl"):  # drop records of the lost stretch
-                truncate_jsonl(self.run_dir / name, self.images_seen)
         self._print(f"resumed from {found} at kimg {self.images_seen / 1000:g}, "
                     f"stage {stage_label(self.stage.resolution, self.stage.fading)}")
+
+    @staticmethod
+    def _checkpoint_images(path: str) -> int:
+        return int(Path(path).stem.split("-")[1]) if path else 0
 
     def _data(self, dataset: MultiResolutionDataset):
         sampler = _sampler(dataset, self.cfg, self.rank, self.world, self.images_seen)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                             persistent_workers=self.cfg.num_workers > 0,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            # its own generator: creating the iterator draws a base seed, which
+                            # must not come from the global generator (a resume would shift it)
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         return iter(loader)
 
     # -- consistency ----------------------------------------------------------------------------
@@ -289,12 +300,12 @@ class _Trainer:
             for net, opt in zip(raw, self.optimizers, strict=True):
                 state = opt.optimizer.state
                 moments.append({n: state[p] for n, p in net.named_parameters() if p in state})
-        self._release()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # new layers: the same on every rank
             torch.manual_seed(self.cfg.seed * 1009 + stage.index)
             nets = [rebuild_network(net, stage) for net in raw]
-        del raw
         self.ema = rebuild_network(self.ema, stage).eval().requires_grad_(False)
+        del raw
+        self._release()  # before preparing again: else Accelerate keeps the old ones too
         opts = self._optimizers(nets)
         for net, opt, carried in zip(nets, opts, moments, strict=False):
             for n, p in net.named_parameters():
@@ -305,7 +316,6 @@ class _Trainer:
         new_names = {n for n, _ in nets[0].named_parameters()} | {n for n, _ in nets[0].named_buffers()}
         copy_missing(self.ema, self.acc.unwrap_model(self.models.generator), new_names - old_names)
         del nets, opts
-        gc.collect()
         sums = self._check_ranks(f"the rebuild to {stage_label(stage.resolution, stage.fading)}")
         self.stage = stage
         seconds = time.perf_counter() - t0

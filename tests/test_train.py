@@ -1,0 +1,301 @@
+"""progressive/train.py end to end on CPU: a 4->16 run, kill and resume, two gloo ranks, NaN guard.
+
+Real components throughout: a real demo LMDB, the real networks, objective and step, real
+subprocesses killed with SIGKILL and a real two-rank launch through ``accelerate launch``.
+Tiny widths and schedules keep the file to about two minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from click.testing import CliRunner
+
+from triangle.datasets import write_demo_lmdb
+from triangle.networks import Stage
+from triangle.progressive.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from triangle.progressive.schedule import ScheduleConfig, phase_boundaries, stage_table
+from triangle.progressive.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "progressive" / "train.py")
+KIMG = "0.064"  # 4 steps of 16 images per phase
+TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
+        "--fade-kimg", KIMG, "--stable-kimg", KIMG, "--tick-kimg", "0.032", "--snap-kimg", "0.048",
+        "--workers", "0", "--grid-samples", "16", "--max-res", "16", "--deterministic"]
+TOTAL = 5 * 64  # 4x4, 8 fade, 8 stable, 16 fade, 16 stable
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "demo16.lmdb"
+    write_demo_lmdb(path, count=256, max_resolution=16, holdout=16)
+    return str(path)
+
+
+def run_cli(args: list[str]):
+    """train.py in this process (click's runner); restores the global determinism flag."""
+    try:
+        return CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_state(run_dir: str | Path) -> dict:
+    payload = read_checkpoint(latest_checkpoint(run_dir))
+    return payload
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["images_seen"] == b["images_seen"]
+    for kind, state in a["models"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, b["models"][kind][name]), f"{kind}.{name} differs"
+    for kind, state in a["optimizers"].items():
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(value, b["optimizers"][kind]["state"][index][key]), \
+                    f"Adam {kind}[{index}].{key} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted tiny run 4->16, in this process."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    result = run_cli(["--data", data, "--run-dir", str(run_dir), *TINY])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_cpu_run_4_to_16_rebuilds_on_schedule_and_fills_the_run_dir(reference):
+    run_dir = reference
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert options["schedule"]["max_resolution"] == 16 and options["network"]["latent_dim"] == 8
+    assert (run_dir / "DONE").exists()
+
+    # Every rebuild happens at exactly the scheduled image count.
+    cfg = ScheduleConfig.from_dict(options["schedule"])
+    boundaries = [(start, stage) for stage, start, _ in phase_boundaries(cfg)][1:]
+    rebuilds = jsonl(run_dir / "stages.jsonl")
+    assert [r["images_seen"] for r in rebuilds] == [b[0] for b in boundaries] == [64, 128, 192, 256]
+    assert [r["to"] for r in rebuilds] == ["8x8 fade", "8x8 stable", "16x16 fade", "16x16 stable"]
+    # Three prepared models and optimisers after every rebuild and at every tick.
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    for record in rebuilds + metrics:
+        assert (record["prepared_models"], record["prepared_optimizers"]) == (3, 3)
+
+    # Metrics: one record per tick, all terms, finite.
+    assert metrics[-1]["images_seen"] == TOTAL
+    for key in ("loss_energy", "f_real", "f_fake", "rec_mse", "grad_norm_generator",
+                "grad_norm_energy", "grad_norm_inference", "images_per_s", "alpha", "stage"):
+        assert key in metrics[0], key
+    fades = [m["alpha"] for m in metrics if m["fading"]]
+    assert fades and all(0 <= a < 1 for a in fades)
+
+    # Grids at every tick and stage end, checkpoints (the last 3), the final one complete.
+    grids = sorted(p.name for p in (run_dir / "grids").iterdir())
+    for tick in range(32, TOTAL + 1, 32):
+        for kind in ("ema", "raw", "reconstructions"):
+            assert f"{tick:09d}-{kind}.png" in grids
+    checkpoints = list_checkpoints(run_dir)
+    assert len(checkpoints) == 3 and checkpoints[-1].name == f"checkpoint-{TOTAL:012d}.pt"
+    final = read_checkpoint(checkpoints[-1])
+    assert final["stage"] == {"resolution": 16, "fading": False}
+    assert set(final["models"]) == {"generator", "energy", "inference", "generator_ema"}
+    assert len(final["rng"]) == 1 and final["sampler"]["images_seen"] == TOTAL
+    # A finished run re-run does nothing.
+    again = run_cli(["--data", str(Path(options["data"])), "--run-dir", str(run_dir), *TINY])
+    assert again.exit_code == 0 and "complete" in again.output
+
+
+def _start(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"train.py ended before the kill point:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the kill point")
+        time.sleep(0.02)
+
+
+def _kimg_reached(run_dir: Path, images: int):
+    def check() -> bool:
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            return False
+        lines = path.read_text().splitlines()
+        return bool(lines) and json.loads(lines[-1])["images_seen"] >= images
+    return check
+
+
+def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_weights(data, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    rng = random.Random()
+
+    # 1. Killed during a checkpoint write (the write pauses halfway through its bytes).
+    p = _start([*command, "--debug-checkpoint-write-delay", "30"])
+    _wait_for(lambda: any(run_dir.glob(".checkpoint-*.tmp-*")), p)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert list_checkpoints(run_dir) == []  # the first checkpoint never became visible
+
+    # 2. Killed mid-fade, at a random moment of the 8x8 fade (images 64..128).
+    p = _start([*command, "--debug-step-delay", "0.2"])
+    _wait_for(_kimg_reached(run_dir, 96), p)
+    time.sleep(rng.uniform(0.0, 0.3))
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    resumed = read_checkpoint(latest_checkpoint(run_dir))
+    assert resumed["images_seen"] < TOTAL
+
+    # 3. Killed during a later checkpoint write, after a random number of them.
+    before = {c.name for c in list_checkpoints(run_dir)}
+    p = _start([*command, "--debug-checkpoint-write-delay", "30"])
+    _wait_for(lambda: any(run_dir.glob(".checkpoint-*.tmp-*")), p)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert {c.name for c in list_checkpoints(run_dir)} == before
+    for c in list_checkpoints(run_dir):
+        read_checkpoint(c)  # every visible checkpoint is complete
+
+    # 4. The same command again finishes the run, bit for bit as if never interrupted.
+    p = _start(command)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "resumed from" in out
+    assert not list(run_dir.glob(".checkpoint-*.tmp-*"))
+    assert_same_weights(final_state(reference), final_state(run_dir))
+
+
+def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(data, reference, tmp_path):
+    run_dir = tmp_path / "ranks2"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + random.Random().randrange(1000)),
+           TRAIN, "--data", data, "--run-dir", str(run_dir), *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    rebuilds = jsonl(run_dir / "stages.jsonl")
+    assert len(rebuilds) == 4
+    for record in rebuilds:
+        assert record["world_size"] == 2
+        first, second = record["rank_checksums"]
+        assert first == second  # identical weights on both ranks after the rebuild
+    single = {(m["resolution"], m["fading"]): m["global_batch"] for m in jsonl(reference / "metrics.jsonl")}
+    for m in jsonl(run_dir / "metrics.jsonl"):
+        assert m["world_size"] == 2 and m["per_gpu_batch"] * 2 == m["global_batch"]
+        assert m["global_batch"] == single[(m["resolution"], m["fading"])]
+    final = final_state(run_dir)
+    assert final["images_seen"] == TOTAL and len(final["rng"]) == 2
+    assert not torch.equal(final["rng"][0]["latent"], final["rng"][1]["latent"])  # per-rank z
+    cfg = ScheduleConfig.from_dict(final["config"]["schedule"])
+    assert [r["global_batch"] for r in stage_table(cfg, 2)] == [r["global_batch"] for r in stage_table(cfg, 1)]
+
+
+def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
+    run_dir = tmp_path / "nan"
+    result = run_cli(["--data", data, "--run-dir", str(run_dir), *TINY, "--debug-nan-at-kimg", "0.1"])
+    assert result.exit_code == 1
+    message = result.output.strip().splitlines()[-1]
+    assert "non-finite" in message and "loss at step" in message and "stage 8x8 fade" in message
+    assert "Traceback" not in result.output
+    checkpoints = list_checkpoints(run_dir)
+    assert checkpoints and not list(run_dir.glob(".checkpoint-*"))
+    last = read_checkpoint(checkpoints[-1])
+    assert last["images_seen"] == 96  # the last good one, before the NaN at 0.1 kimg
+    for state in last["models"].values():
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+    # The roll-back option reloads it with lower learning rates and finishes.
+    result = run_cli(["--data", data, "--run-dir", str(run_dir), *TINY, "--debug-nan-at-kimg", "0.1",
+                      "--nan-policy", "rollback", "--allow-config-change"])
+    assert result.exit_code == 0, result.output
+    assert "rolling back" in result.output
+    assert read_checkpoint(latest_checkpoint(run_dir))["lr_scale"] == 0.5
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "other"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "DONE").unlink()
+    for checkpoint in list_checkpoints(run_dir)[1:]:  # back to an earlier point
+        checkpoint.unlink()
+    base = ["--data", data, "--run-dir", str(run_dir), *TINY]
+
+    widths = run_cli([*base, "--latent-dim", "16"])
+    assert widths.exit_code == 1 and "network.latent_dim: 8 -> 16" in widths.output
+    assert "Traceback" not in widths.output
+    widths = run_cli([*base, "--latent-dim", "16", "--allow-config-change"])
+    assert widths.exit_code == 1 and "other network shapes" in widths.output
+
+    # Phases lengthened before the checkpoint's stage: the networks would have to shrink.
+    shrink = run_cli([*base, "--stable-kimg", "0.128", "--allow-config-change"])
+    assert shrink.exit_code == 1 and "cannot shrink" in shrink.output
+    assert "Traceback" not in shrink.output
+
+    longer = [*base, "--total-kimg", "0.4"]  # a longer last phase
+    refused = run_cli(longer)
+    assert refused.exit_code == 1 and "schedule.total_kimg: None -> 0.4" in refused.output
+    accepted = run_cli([*longer, "--allow-config-change"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "config change accepted" in accepted.output
+    assert read_checkpoint(latest_checkpoint(run_dir))["images_seen"] == 400
+
+
+def test_rebuilds_leak_neither_models_nor_memory(data, tmp_path):
+    from triangle.networks import Energy, Generator, Inference
+    from triangle.progressive.train import build_config
+    from triangle.progressive.training_loop import DebugOptions, _Trainer
+
+    def live(kind) -> int:
+        gc.collect()
+        return sum(issubclass(type(o), kind) for o in gc.get_objects())
+
+    args = main.make_context("train", ["--data", data, "--run-dir", str(tmp_path / "mem"), *TINY]).params
+    for key in ["dry_run", "allow_config_change"] + [k for k in args if k.startswith("debug_")]:
+        args.pop(key)
+    cfg, _ = build_config(args)
+    trainer = _Trainer(cfg, False, DebugOptions())
+    try:
+        trainer._open_run_dir()
+        trainer._start()
+        trainer._rebuild(Stage(16, False))
+        networks, optimizers = live((Generator, Energy, Inference)), live(torch.optim.Optimizer)
+        assert networks == 4  # generator, energy, inference and the EMA generator
+        rss = []
+        for _ in range(8):  # stage after stage at the same resolution
+            trainer._rebuild(Stage(16, False))
+            assert (len(trainer.acc._models), len(trainer.acc._optimizers)) == (3, 3)
+            assert live((Generator, Energy, Inference)) == networks
+            assert live(torch.optim.Optimizer) == optimizers
+            rss.append(psutil.Process().memory_info().rss)
+    finally:
+        trainer._finish()
+        torch.use_deterministic_algorithms(False)
+    assert rss[-1] - rss[1] < 8 * 2**20, [r / 2**20 for r in rss]
