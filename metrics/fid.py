@@ -1,0 +1,388 @@
+"""FID and KID through clean-fid (DESIGN §6), with reference statistics kept next to the data.
+
+The pipeline, in clean-fid's "clean" mode:
+
+1. Images as ``uint8``-valued floats in [0, 255], N x 3 x R x R. Data images are stored as
+   ``uint8``; generated images are clamped from [-1, 1] and rounded to the same 256 levels,
+   so both sides are quantised alike (clean-fid's advice).
+2. ``extractor.prepare`` per image on the CPU (clean-fid's PIL bicubic resize to 299x299 on
+   float values); for the data side this runs in ``num_workers`` DataLoader workers.
+3. ``extractor(batch)`` on the device -> B x D features (Inception pool3, D = 2048).
+4. ``mu``, ``sigma`` per side; FID = clean-fid's ``frechet_distance`` (``scipy.linalg.sqrtm``:
+   clean-fid 0.1.35 passes ``disp=``, which SciPy 1.18 removes, hence ``scipy<1.18``); KID =
+   clean-fid's ``kernel_distance`` with a fixed seed.
+
+clean-fid's own entry points are not used: they wrap the model in ``DataParallel``, download
+the weights into ``/tmp`` and write custom statistics into site-packages. Here the Inception
+file comes from ``InceptionFeatures(path)`` (``InceptionV3W(dir, download=False)``), the
+device is explicit, and the data statistics are cached as an ``.npz`` (mu, sigma, features)
+named by a hash of what produced them (:func:`stats_key`).
+
+The extractor is pluggable: anything with ``name``, ``prepare`` and ``__call__`` (see
+:class:`FeatureExtractor`). :class:`RandomConvFeatures` is a small deterministic network that
+stands in for Inception where its weights cannot be downloaded (tests, smoke runs). Its
+numbers are comparable with nothing published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import Tensor, nn
+
+from triangle.datasets import DatasetError, MultiResolutionDataset
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
+)
+# Where clean-fid itself downloads the file (its features.py: "/tmp", "./" on Windows).
+DEFAULT_INCEPTION_DIR = Path("./" if os.name == "nt" else "/tmp")
+STATS_VERSION = 1  # bump when the way statistics are computed changes (invalidates the cache)
+
+
+class FIDError(Exception):
+    """A one-line problem with the FID inputs (missing weights, too few images, ...)."""
+
+
+class FeatureExtractor(Protocol):
+    """What the FID pipeline needs from a feature network."""
+
+    name: str  # identifies the extractor (and its preprocessing) in the statistics cache key
+
+    def prepare(self, image: Tensor) -> Tensor:
+        """One image, float 3 x R x R in [0, 255] -> the network's input (CPU, picklable)."""
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        """A batch of prepared images (on any device) -> B x D features."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Extractors
+
+
+class CleanResize:
+    """clean-fid's "clean" resize: PIL bicubic on float values to ``size`` x ``size``, clipped."""
+
+    def __init__(self, size: int = 299) -> None:
+        self.size = size
+        self._fn: Callable | None = None
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "_fn": None}  # clean-fid's resizer is a closure
+
+    def __call__(self, image: Tensor) -> Tensor:
+        if self._fn is None:
+            from cleanfid.resize import make_resizer
+
+            self._fn = make_resizer("PIL", False, "bicubic", (self.size, self.size))
+        out = self._fn(image.permute(1, 2, 0).numpy().astype(np.float32))
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def inception_file(path: str | os.PathLike | None) -> Path:
+    """The Inception TorchScript file for ``path`` (the file, or a folder holding it)."""
+    p = DEFAULT_INCEPTION_DIR if path is None else Path(path)
+    return p / INCEPTION_FILE if p.is_dir() or path is None else p
+
+
+def _missing_inception(file: Path, why: str) -> FIDError:
+    return FIDError(
+        f"Inception weights {why}: {file}. Download {INCEPTION_FILE} from {INCEPTION_URL} "
+        f"(on a machine with internet) and pass --inception PATH (the file or its folder)"
+    )
+
+
+def _download_inception(file: Path) -> None:
+    """clean-fid's download, but into a temporary name renamed when complete."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as response, open(tmp, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+        os.replace(tmp, file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _missing_inception(file, f"not found and not downloadable ({exc})") from exc
+
+
+class InceptionFeatures:
+    """clean-fid's Inception-v3 (pool3, 2048 features) from a local TorchScript file.
+
+    ``path``: the file ``inception-2015-12-05.pt`` or the folder holding it; ``None``:
+    clean-fid's default folder (``/tmp``), downloading the file there if it is missing (as
+    clean-fid does, but atomically). A given ``path`` is never downloaded to.
+    """
+
+    name = "clean-fid/inception-2015-12-05/clean-299"
+
+    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        file = inception_file(path)
+        if not file.is_file():
+            if path is not None:
+                raise _missing_inception(file, "not found")
+            _download_inception(file)
+        if file.name != INCEPTION_FILE:  # InceptionV3W joins this name onto a folder
+            raise FIDError(f"{file}: the Inception file must be named {INCEPTION_FILE}")
+        try:
+            model = InceptionV3W(str(file.parent), download=False, resize_inside=False)
+        except Exception as exc:  # a truncated download, another file under that name
+            raise _missing_inception(file, f"unreadable ({type(exc).__name__})") from exc
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.prepare = CleanResize(299)
+
+    @torch.no_grad()
+    def __call__(self, batch: Tensor) -> Tensor:
+        return self.model(batch.to(self.device, torch.float32))
+
+
+class RandomConvFeatures(nn.Module):
+    """A stand-in for Inception: a fixed random conv net (seeded), mean-pooled to ``dim`` features.
+
+    Deterministic and tiny, for tests and smoke runs where Inception's weights cannot be
+    downloaded. Its distances rank distributions sensibly but are comparable with nothing
+    published; results carry its ``name``.
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.name = f"random-conv-{dim}-seed{seed}"
+        gen = torch.Generator().manual_seed(seed)
+        widths = [3, 16, 32, dim]
+        self.convs = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            conv = nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * math.sqrt(2 / (cin * 9)))
+                conv.bias.copy_(torch.randn(cout, generator=gen) * 0.1)
+            self.convs.append(conv)
+        self.device = torch.device(device)
+        self.to(self.device).eval().requires_grad_(False)
+
+    @staticmethod
+    def prepare(image: Tensor) -> Tensor:
+        return image
+
+    @torch.no_grad()
+    def forward(self, batch: Tensor) -> Tensor:
+        h = batch.to(self.device, torch.float32) / 127.5 - 1
+        for conv in self.convs:
+            h = torch.relu(conv(h))
+        return h.mean(dim=(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class FeatureStats:
+    """Features of one image set and their Gaussian fit (float64 ``mu``, ``sigma``)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray  # N x D float32, kept for KID
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> FeatureStats:
+        if features.shape[0] < 2:
+            raise FIDError(f"FID needs at least 2 images, got {features.shape[0]}")
+        f64 = features.astype(np.float64)
+        return cls(f64.mean(axis=0), np.cov(f64, rowvar=False), features.astype(np.float32))
+
+    @property
+    def count(self) -> int:
+        return int(self.features.shape[0])
+
+    def save(self, path: str | os.PathLike, key: dict) -> None:
+        """Atomically, as an ``.npz`` that also holds the key it was computed for (as JSON)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=self.mu, sigma=self.sigma, features=self.features,
+                 key=np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        with np.load(path) as z:
+            return cls(z["mu"], z["sigma"], z["features"])
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """clean-fid's Fréchet distance between the two Gaussian fits."""
+    from cleanfid.fid import frechet_distance
+
+    with warnings.catch_warnings():  # SciPy 1.17 deprecates sqrtm(disp=...), which clean-fid passes;
+        warnings.simplefilter("ignore", DeprecationWarning)  # a singular product (few images) is
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # handled by clean-fid's eps retry
+        return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def kid_from_stats(a: FeatureStats, b: FeatureStats, seed: int = 0) -> float:
+    """clean-fid's kernel inception distance (100 subsets of up to 1000), with a fixed seed."""
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()  # kernel_distance draws its subsets from numpy's global RNG
+    try:
+        np.random.seed(seed)
+        return kernel_distance(a.features.astype(np.float64), b.features.astype(np.float64))
+    finally:
+        np.random.set_state(state)
+
+
+def to_uint8_levels(images: Tensor) -> Tensor:
+    """Images in [-1, 1] -> float in [0, 255] rounded to integers (the inverse of the reader's)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def _features_of(batches: Iterator[Tensor], extractor: FeatureExtractor) -> np.ndarray:
+    return np.concatenate([extractor(b).float().cpu().numpy() for b in batches])
+
+
+class _PreparedImages(torch.utils.data.Dataset):
+    """The first ``count`` images of a split at ``resolution``, prepared for the extractor."""
+
+    def __init__(self, ds: MultiResolutionDataset, resolution: int, count: int, prepare: Callable):
+        self.ds, self.resolution, self.count, self.prepare = ds, resolution, count, prepare
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.prepare(self.ds[(i, self.resolution, False)].float())
+
+
+def stats_key(data: str | os.PathLike, resolution: int, split: str, count: int, extractor_name: str) -> dict:
+    """What the data statistics depend on; its hash names the cache file."""
+    meta = MultiResolutionDataset(data, split=split).meta
+    return {
+        "version": STATS_VERSION,
+        "data": os.path.realpath(data),
+        "metadata": hashlib.sha256(meta.to_json()).hexdigest(),
+        "resolution": int(resolution),
+        "split": split,
+        "count": int(count),
+        "extractor": extractor_name,
+    }
+
+
+def default_stats_dir(data: str | os.PathLike) -> Path:
+    """``<data>.fid-stats/`` beside the LMDB (a folder or a single file)."""
+    p = Path(os.path.realpath(data))
+    return p.with_name(p.name + ".fid-stats")
+
+
+def data_statistics(
+    data: str | os.PathLike,
+    resolution: int,
+    extractor: FeatureExtractor,
+    *,
+    split: str = "train",
+    count: int | None = None,
+    batch: int = 64,
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[FeatureStats, Path | None, bool]:
+    """Statistics of the first ``count`` images (default all) of ``split`` at ``resolution``.
+
+    Returns ``(stats, cache file or None, whether it was read from the cache)``. With
+    ``cache_dir`` the result is kept there as ``fid-<split>-<res>-<count>-<hash>.npz``, keyed
+    by :func:`stats_key`; a cache that cannot be written is skipped, not fatal.
+    """
+    try:
+        ds = MultiResolutionDataset(data, split=split)
+    except DatasetError as exc:
+        raise FIDError(str(exc)) from exc
+    if resolution not in ds.meta.codecs:
+        raise FIDError(f"{data} has no {resolution}x{resolution} level (it has "
+                       f"{', '.join(map(str, ds.resolutions))})")
+    n = len(ds) if count is None else min(count, len(ds))
+    key = stats_key(data, resolution, split, n, extractor.name)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    file = Path(cache_dir) / f"fid-{split}-{resolution}-{n}-{digest}.npz" if cache_dir else None
+    if file is not None and file.is_file():
+        return FeatureStats.load(file), file, True
+    loader = torch.utils.data.DataLoader(_PreparedImages(ds, resolution, n, extractor.prepare),
+                                         batch_size=batch, num_workers=num_workers)
+    stats = FeatureStats.of(_features_of(iter(loader), extractor))
+    if file is not None:
+        try:
+            stats.save(file, key)
+        except OSError:
+            file = None
+    return stats, file, False
+
+
+@torch.no_grad()
+def generated_images(generator: nn.Module, fade_alpha: float, latent_dim: int, count: int, *,
+                     batch: int = 64, device: str | torch.device = "cpu", seed: int = 0) -> Iterator[Tensor]:
+    """``count`` samples ``g(z)`` in batches, as [0, 255] integer-valued floats on the CPU.
+
+    ``z`` is drawn on the CPU from ``seed``, so the samples do not depend on the device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, count, batch):
+        z = torch.randn(min(batch, count - start), latent_dim, generator=gen)
+        yield to_uint8_levels(generator(z.to(device), fade_alpha)).cpu()
+
+
+def images_statistics(images: Iterator[Tensor], extractor: FeatureExtractor) -> FeatureStats:
+    """Statistics of batches of [0, 255] images (N x 3 x R x R), prepared in this process."""
+    prepared = (torch.stack([extractor.prepare(im) for im in b]) for b in images)
+    return FeatureStats.of(_features_of(prepared, extractor))
+
+
+@dataclass
+class FIDResult:
+    fid: float
+    kid: float
+    num_fake: int
+    num_real: int
+    stats_file: Path | None  # the data statistics' cache file
+    stats_cached: bool  # read from it rather than computed
+
+
+def fid_of_generator(
+    generator: nn.Module,
+    fade_alpha: float,
+    latent_dim: int,
+    resolution: int,
+    data: str | os.PathLike,
+    extractor: FeatureExtractor,
+    *,
+    num_samples: int = 10_000,
+    split: str = "train",
+    num_real: int | None = None,
+    batch: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> FIDResult:
+    """FID and KID of ``num_samples`` samples against the data's ``split`` at ``resolution``."""
+    real, file, cached = data_statistics(data, resolution, extractor, split=split, count=num_real,
+                                         batch=batch, num_workers=num_workers, cache_dir=cache_dir)
+    fake = images_statistics(generated_images(generator, fade_alpha, latent_dim, num_samples,
+                                              batch=batch, device=device, seed=seed), extractor)
+    return FIDResult(fid_from_stats(fake, real), kid_from_stats(fake, real, seed), fake.count,
+                     real.count, file, cached)

@@ -1,0 +1,42 @@
+"""A grid of samples g(z), z ~ N(0, I) seeded, from a checkpoint (paper Fig. 8).
+
+    python tools/sample.py RUN_DIR_OR_CHECKPOINT [--out samples.png] [--num 64] [--nrow 8]
+        [--seed 0] [--device cuda] [--ema/--raw]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+import torch
+
+from triangle.metrics.cli import checkpoint_argument, device_option, load, resolve_device
+from triangle.progressive.grids import generate, save_images
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@checkpoint_argument
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="PNG  [default: RUN_DIR/samples-<images seen>-seed<seed>.png]")
+@click.option("--num", type=click.IntRange(min=1), default=64, show_default=True, help="Samples.")
+@click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row  [default: sqrt(num)]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@click.option("--ema/--raw", default=True, show_default=True, help="EMA or raw generator weights.")
+def main(checkpoint, out, num, nrow, seed, device, ema):
+    """A PNG grid of samples from RUN_DIR_OR_CHECKPOINT (a run dir: its newest checkpoint)."""
+    device = resolve_device(device)
+    loaded = load(checkpoint, ema=ema, device=device)
+    z = torch.randn(num, loaded.latent_dim, generator=torch.Generator().manual_seed(seed))
+    out = out or loaded.run_dir / f"samples-{loaded.images_seen:012d}-seed{seed}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_images(generate(loaded.generator, z.to(device), loaded.fade_alpha), out,
+                nrow or max(1, math.isqrt(num)))
+    click.echo(f"{loaded.path.name} ({loaded.resolution}x{loaded.resolution}, {'ema' if ema else 'raw'}): "
+               f"{num} samples -> {out}")
+
+
+if __name__ == "__main__":
+    main()
