@@ -141,7 +141,9 @@ class InceptionFeatures:
         if file.name != INCEPTION_FILE:  # InceptionV3W joins this name onto a folder
             raise FIDError(f"{file}: the Inception file must be named {INCEPTION_FILE}")
         try:
-            model = InceptionV3W(str(file.parent), download=False, resize_inside=False)
+            with warnings.catch_warnings():  # torch 2.14 deprecates torch.jit.load, which it calls
+                warnings.simplefilter("ignore", FutureWarning)
+                model = InceptionV3W(str(file.parent), download=False, resize_inside=False)
         except Exception as exc:  # a truncated download, another file under that name
             raise _missing_inception(file, f"unreadable ({type(exc).__name__})") from exc
         self.device = torch.device(device)

@@ -40,14 +40,19 @@ from triangle.progressive.grids import generate
 RES = 8
 TINY_RUN = ["--max-res", str(RES), "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16",
             "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--workers", "0",
-            "--grid-samples", "16", "--tick-kimg", "0.032", "--snap-kimg", "0.032"]
+            "--grid-samples", "16", "--tick-kimg", "1", "--snap-kimg", "1"]  # a checkpoint per stage end
+
+
+# tests/test_tools_eval.py uses these fixtures too; they build in a fixed folder of the session's
+# base temp dir, so that the two modules' copies of the fixtures build them once.
 
 
 @pytest.fixture(scope="session")
 def eval_data(tmp_path_factory) -> str:
     """A demo LMDB 4..8 of 160 images, 16 of them held out as the test split."""
-    path = tmp_path_factory.mktemp("eval-data") / "demo8.lmdb"
-    write_demo_lmdb(path, count=160, max_resolution=RES, holdout=16)
+    path = tmp_path_factory.getbasetemp() / "eval-data" / "demo8.lmdb"
+    if not path.exists():
+        write_demo_lmdb(path, count=160, max_resolution=RES, holdout=16, workers=1)
     return str(path)
 
 
@@ -56,10 +61,16 @@ def eval_run(eval_data, tmp_path_factory) -> Path:
     """A run directory of a real tiny training run (4x4, 8x8 fade, 8x8 stable)."""
     from triangle.progressive.train import main as train
 
-    run_dir = tmp_path_factory.mktemp("eval-runs") / "tiny"
-    result = CliRunner().invoke(train, ["--data", eval_data, "--run-dir", str(run_dir), *TINY_RUN],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    run_dir = tmp_path_factory.getbasetemp() / "eval-runs" / "tiny"
+    if not (run_dir / "checkpoint-000000000096.pt").exists():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny convolutions: a second thread only waits (and spins under load)
+        try:
+            result = CliRunner().invoke(train, ["--data", eval_data, "--run-dir", str(run_dir), *TINY_RUN],
+                                        catch_exceptions=False)
+        finally:
+            torch.set_num_threads(threads)
+        assert result.exit_code == 0, result.output
     return run_dir
 
 

@@ -1,0 +1,138 @@
+"""tools/fid.py, reconstruct.py, interpolate.py and sample.py end to end on a real tiny run.
+
+The checkpoint and the LMDB come from tests/test_metrics.py's session fixtures (a real run of
+progressive/train.py). The tools run in-process through click's runner; the one-line error
+checks run them as real subprocesses, to see that no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_metrics as shared
+from click.testing import CliRunner
+from PIL import Image
+
+from triangle.metrics.checkpoint_models import load_checkpoint
+from triangle.metrics.fid import INCEPTION_FILE
+from triangle.metrics.reconstruction import reconstruction_error
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = shared.RES
+eval_data, eval_run = shared.eval_data, shared.eval_run  # the session fixtures, shared
+TOOLS = ("fid", "reconstruct", "interpolate", "sample")
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def invoke(name: str, args: list[str]):
+    return CliRunner().invoke(_tool(name), [str(a) for a in args])
+
+
+def grid_size(cols: int, rows: int, resolution: int = RES) -> tuple[int, int]:
+    """torchvision's make_grid (padding 2) of images enlarged to at least 64 pixels (nearest)."""
+    side = resolution * math.ceil(64 / resolution)
+    return cols * (side + 2) + 2, rows * (side + 2) + 2
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_help(name):
+    result = invoke(name, ["--help"])
+    assert result.exit_code == 0 and "RUN_DIR_OR_CHECKPOINT" in result.output
+
+
+def test_fid_tool_logs_and_caches(eval_run, eval_data, tmp_path):
+    args = [eval_run, "--data", eval_data, "--extractor", "random-conv", "--num-samples", 32,
+            "--batch", 16, "--stats-dir", tmp_path / "stats"]
+    first = invoke("fid", [*args, "--workers", 1])
+    assert first.exit_code == 0, first.output
+    assert re.search(r"FID \d+\.\d+\s+KID -?\d+\.\d+", first.output) and "written to" in first.output
+    second = invoke("fid", [*args, "--workers", 0])
+    assert second.exit_code == 0 and "read from" in second.output
+    records = [json.loads(line) for line in (eval_run / "metrics-fid.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["resolution"] == RES and last["num_samples"] == 32 and last["num_real"] == 144
+    assert last["kimg"] == pytest.approx(0.096) and last["generator"] == "ema"
+    assert last["extractor"].startswith("random-conv") and records[-2]["fid"] == last["fid"]
+    assert len(list((tmp_path / "stats").glob("fid-train-8-144-*.npz"))) == 1
+
+
+def test_fid_tool_default_cache_is_beside_the_data(eval_run, eval_data):
+    result = invoke("fid", [eval_run, "--data", eval_data, "--extractor", "random-conv",
+                            "--num-samples", 8, "--split", "test", "--workers", 0])
+    assert result.exit_code == 0, result.output
+    assert list(Path(eval_data + ".fid-stats").glob("fid-test-8-16-*.npz"))
+
+
+def test_reconstruct_tool(eval_run, eval_data, tmp_path):
+    out = tmp_path / "rec.png"
+    result = invoke("reconstruct", [eval_run, "--data", eval_data, "--out", out, "--grid", "4x2"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == grid_size(4, 4)  # 2 rows of test images, each with its row below
+    printed = float(re.search(r"= (\d+\.\d+) over 16 test images", result.output).group(1))
+    loaded = load_checkpoint(eval_run, ema=False, inference=True)
+    expected = reconstruction_error(loaded.generator, loaded.inference, eval_data, RES).mse
+    assert printed == pytest.approx(expected, abs=1e-5)
+    record = json.loads((eval_run / "metrics-reconstruction.jsonl").read_text().splitlines()[-1])
+    assert record["mse_per_pixel"] == pytest.approx(expected) and record["count"] == 16
+
+
+def test_interpolate_tool(eval_run, eval_data, tmp_path):
+    out = tmp_path / "walk.png"
+    result = invoke("interpolate", [eval_run, "--out", out, "--rows", 3, "--steps", 5])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == grid_size(5, 3)
+    result = invoke("interpolate", [eval_run, "--from-images", eval_data, 0, 5,
+                                    "--from-images", eval_data, 3, 9, "--mode", "lerp", "--steps", 4])
+    assert result.exit_code == 0, result.output
+    default = eval_run / "interpolation-000000000096-lerp.png"
+    assert Image.open(default).size == grid_size(4, 2)
+    bad = invoke("interpolate", [eval_run, "--from-images", eval_data, 0, 999])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "out of range" in bad.output
+
+
+def test_sample_tool(eval_run, tmp_path):
+    out = tmp_path / "samples.png"
+    result = invoke("sample", [eval_run, "--out", out, "--num", 6, "--nrow", 3, "--raw"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == grid_size(3, 2)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["fid", "nothing-here"], "does not exist"),
+    (["reconstruct", "EMPTY"], "no checkpoint-*.pt in"),
+    (["interpolate", "DATA/data.mdb"], "is not a checkpoint"),
+    (["sample", "RUN", "--device", "cuda:99"], "--device cuda:99"),
+    (["fid", "RUN", "--data", "missing.lmdb"], "missing.lmdb"),
+    (["reconstruct", "RUN", "--data", "DATA", "--grid", "8"], "expected COLSxROWS"),
+])
+def test_one_line_errors(eval_run, eval_data, tmp_path, argv, expected):
+    subst = {"RUN": eval_run, "DATA": eval_data, "EMPTY": tmp_path}
+    args = [str(subst.get(a, a)) if not a.startswith("DATA/") else eval_data + a[4:] for a in argv[1:]]
+    result = invoke(argv[0], args)
+    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+    assert expected in result.output, result.output
+    if result.exit_code == 1:  # click's usage errors (2) add a usage line
+        assert result.output.count("\n") == 1 and result.output.startswith("Error: "), result.output
+
+
+def test_missing_inception_in_a_real_process(eval_run, eval_data, tmp_path):
+    """The whole tool as a user runs it: one line on stderr, exit status 1, no traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fid.py"), str(eval_run), "--data", eval_data,
+                           "--inception", str(tmp_path / "no-inception")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("Error: Inception weights not found") and "--inception PATH" in proc.stderr
+    assert INCEPTION_FILE in proc.stderr and "https://" in proc.stderr
