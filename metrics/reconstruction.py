@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from triangle.datasets import DatasetError, MultiResolutionDataset
 from triangle.networks import fade_images
+from triangle.progressive.grids import reconstruct  # g(mu(q(x))), as the training grids show it
 
 
 @dataclass
@@ -29,13 +30,6 @@ class ReconstructionResult:
     count: int  # images evaluated
     resolution: int
     split: str
-
-
-@torch.no_grad()
-def reconstruct_batch(generator: nn.Module, inference: nn.Module, x: Tensor, fade_alpha: float) -> Tensor:
-    """``g(mu(q(x)))`` for a batch ``x`` in [-1, 1]."""
-    mu, _ = inference(x, fade_alpha)
-    return generator(mu, fade_alpha)
 
 
 def per_image_mse(x: Tensor, rec: Tensor) -> Tensor:
@@ -72,5 +66,5 @@ def reconstruction_error(
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, n, batch):
         x = dataset_images(ds, resolution, range(start, min(n, start + batch)), fade_alpha).to(device)
-        total += per_image_mse(x, reconstruct_batch(generator, inference, x, fade_alpha)).sum().cpu()
+        total += per_image_mse(x, reconstruct(generator, inference, x, fade_alpha)).sum().cpu()
     return ReconstructionResult(float(total / n), n, resolution, split)

@@ -13,15 +13,17 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import test_metrics as shared
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from triangle.metrics.checkpoint_models import load_checkpoint
-from triangle.metrics.fid import INCEPTION_FILE
+from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures
 from triangle.metrics.reconstruction import reconstruction_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +138,62 @@ def test_missing_inception_in_a_real_process(eval_run, eval_data, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("Error: Inception weights not found") and "--inception PATH" in proc.stderr
     assert INCEPTION_FILE in proc.stderr and "https://" in proc.stderr
+
+
+class _StandInLayers(torch.nn.Module):
+    """3 x 299 x 299 -> 2048 features, the shape of Inception's pool3 (8 channels x 16 x 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), (16, 16))
+
+
+class _StandInInception(torch.nn.Module):
+    """Has what clean-fid's InceptionV3W uses of the real TorchScript file: ``.layers``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _StandInLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+@pytest.fixture()
+def stand_in_inception(tmp_path) -> Path:
+    """A folder with a TorchScript file of Inception's interface saved under the real name
+    (the real weights cannot be downloaded here)."""
+    torch.manual_seed(0)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript, which clean-fid's file is
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(_StandInInception()).save(str(folder / INCEPTION_FILE))
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_inception_features_through_clean_fids_wrapper(stand_in_inception):
+    """InceptionV3W(dir, download=False): clean-fid's normalisation (x - 128) / 128 and 299 input."""
+    features = InceptionFeatures(stand_in_inception / INCEPTION_FILE)  # the file or its folder
+    images = torch.randint(0, 256, (2, 3, RES, RES)).float()
+    prepared = torch.stack([features.prepare(im) for im in images])
+    assert prepared.shape == (2, 3, 299, 299)
+    out = features(prepared)
+    expected = torch.jit.load(str(stand_in_inception / INCEPTION_FILE)).layers((prepared - 128) / 128)
+    assert out.shape == (2, 2048) and torch.allclose(out, expected.view(2, 2048))
+
+
+@pytest.mark.slow
+def test_fid_tool_with_inception_path(eval_run, eval_data, stand_in_inception, tmp_path):
+    """The whole tool with --inception (slow: scipy's sqrtm of 2048 x 2048 takes about a minute)."""
+    result = invoke("fid", [eval_run, "--data", eval_data, "--inception", stand_in_inception,
+                            "--num-samples", 20, "--num-real", 20, "--workers", 0,
+                            "--stats-dir", tmp_path / "stats"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((eval_run / "metrics-fid.jsonl").read_text().splitlines()[-1])
+    assert record["extractor"] == InceptionFeatures.name
+    assert record["num_real"] == 20 and math.isfinite(record["fid"])

@@ -27,8 +27,8 @@ from triangle.metrics.cli import (
     resolve_device,
     run_data,
 )
-from triangle.metrics.reconstruction import dataset_images, reconstruct_batch, reconstruction_error
-from triangle.progressive.grids import interleave_rows, save_images
+from triangle.metrics.reconstruction import dataset_images, reconstruction_error
+from triangle.progressive.grids import interleave_rows, reconstruct, save_images
 
 
 def _grid_shape(text: str) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def main(checkpoint, data, split, count, out, grid, device, batch, ema):
         x = dataset_images(ds, res, range(min(cols * rows, len(ds))), a).to(device)
     out = out or loaded.run_dir / f"reconstructions-{loaded.images_seen:012d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_images(interleave_rows(x, reconstruct_batch(g, q, x, a), cols), out, cols)
+    save_images(interleave_rows(x, reconstruct(g, q, x, a), cols), out, cols)
     record = {"checkpoint": loaded.path.name, "kimg": loaded.kimg, "images_seen": loaded.images_seen,
               "resolution": res, "fade_alpha": a, "generator": "ema" if ema else "raw",
               "mse_per_pixel": r.mse, "count": r.count, "split": split,
