@@ -10,6 +10,7 @@ same command with the same --run-dir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -202,6 +203,9 @@ def main(**o) -> None:
         cfg, meta = build_config(o)
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc).splitlines()[0]) from None
+    if cfg.tensorboard and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
+        raise click.BadParameter("needs the tensorboard package (pip install tensorboard)",
+                                 param_hint="--tensorboard")
     if dry_run:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         source = (f"{cfg.data} ({meta.count} images, {meta.resolutions[0]}..{meta.max_resolution})"

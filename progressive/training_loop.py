@@ -325,8 +325,10 @@ class _Trainer:
             "to": stage_label(stage.resolution, stage.fading),
             "seconds": seconds, "rank_checksums": sums, "world_size": self.world,
             "prepared_models": len(self.acc._models), "prepared_optimizers": len(self.acc._optimizers),
-            "adam_moments": self.cfg.adam_moments, **memory_stats(self.device),
+            "adam_moments": self.cfg.adam_moments, "time": time.time(), **memory_stats(self.device),
         }
+        if self.device.type == "cuda":  # peak memory per phase
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.stages_log is not None:
             self.stages_log.write(record)
         self._print(f"rebuilt {record['from']} -> {record['to']} at kimg {record['kimg']:g} "
@@ -419,7 +421,7 @@ class _Trainer:
             "per_gpu_batch": st.per_gpu_batch, "world_size": self.world,
             "lr_generator": self.last_lrs[0], "lr_energy": self.last_lrs[1],
             "lr_inference": self.last_lrs[2], "lr_scale": self.lr_scale,
-            "images_per_s": speed, "seconds": seconds, "elapsed_s": self.elapsed_s,
+            "images_per_s": speed, "seconds": seconds, "elapsed_s": self.elapsed_s, "time": time.time(),
             "prepared_models": len(self.acc._models),
             "prepared_optimizers": len(self.acc._optimizers),
             **losses, **memory_stats(self.device),

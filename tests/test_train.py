@@ -57,8 +57,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def final_state(run_dir: str | Path) -> dict:
-    payload = read_checkpoint(latest_checkpoint(run_dir))
-    return payload
+    return read_checkpoint(latest_checkpoint(run_dir))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -305,13 +304,9 @@ def test_load_generator_gives_the_ema_generator_at_its_stage(reference):
     from triangle.progressive.checkpoint import load_generator
 
     generator, cfg, alpha = load_generator(reference, ema=True)
-    assert unwrap_stage(generator) == Stage(16, False) and alpha == 1.0
+    assert generator.stage == Stage(16, False) and alpha == 1.0
     assert cfg.network.latent_dim == 8 and not generator.training
     images = generator(torch.randn(2, cfg.network.latent_dim), alpha)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     saved = read_checkpoint(latest_checkpoint(reference))["models"]["generator_ema"]
     assert all(torch.equal(v, saved[k]) for k, v in generator.state_dict().items())
-
-
-def unwrap_stage(module) -> Stage:
-    return module.stage
