@@ -6,7 +6,8 @@ The pipeline, in clean-fid's "clean" mode:
    ``uint8``; generated images are clamped from [-1, 1] and rounded to the same 256 levels,
    so both sides are quantised alike (clean-fid's advice).
 2. ``extractor.prepare`` per image on the CPU (clean-fid's PIL bicubic resize to 299x299 on
-   float values); for the data side this runs in ``num_workers`` DataLoader workers.
+   float values), in ``num_workers`` DataLoader workers for the data and as many threads for
+   the generated images.
 3. ``extractor(batch)`` on the device -> B x D features (Inception pool3, D = 2048).
 4. ``mu``, ``sigma`` per side; FID = clean-fid's ``frechet_distance`` (``scipy.linalg.sqrtm``:
    clean-fid 0.1.35 passes ``disp=``, which SciPy 1.18 removes, hence ``scipy<1.18``); KID =
@@ -35,6 +36,7 @@ import shutil
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -348,10 +350,12 @@ def generated_images(generator: nn.Module, fade_alpha: float, latent_dim: int, c
         yield to_uint8_levels(generator(z.to(device), fade_alpha)).cpu()
 
 
-def images_statistics(images: Iterator[Tensor], extractor: FeatureExtractor) -> FeatureStats:
-    """Statistics of batches of [0, 255] images (N x 3 x R x R), prepared in this process."""
-    prepared = (torch.stack([extractor.prepare(im) for im in b]) for b in images)
-    return FeatureStats.of(_features_of(prepared, extractor))
+def images_statistics(images: Iterator[Tensor], extractor: FeatureExtractor, num_workers: int = 0) -> FeatureStats:
+    """Statistics of batches of [0, 255] images (N x 3 x R x R), prepared in ``num_workers``
+    threads of this process (PIL's resize releases the GIL)."""
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        prepared = (torch.stack(list(pool.map(extractor.prepare, b))) for b in images)
+        return FeatureStats.of(_features_of(prepared, extractor))
 
 
 @dataclass
@@ -385,6 +389,6 @@ def fid_of_generator(
     real, file, cached = data_statistics(data, resolution, extractor, split=split, count=num_real,
                                          batch=batch, num_workers=num_workers, cache_dir=cache_dir)
     fake = images_statistics(generated_images(generator, fade_alpha, latent_dim, num_samples,
-                                              batch=batch, device=device, seed=seed), extractor)
+                                              batch=batch, device=device, seed=seed), extractor, num_workers)
     return FIDResult(fid_from_stats(fake, real), kid_from_stats(fake, real, seed), fake.count,
                      real.count, file, cached)

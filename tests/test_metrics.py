@@ -40,7 +40,8 @@ from triangle.progressive.grids import generate
 RES = 8
 TINY_RUN = ["--max-res", str(RES), "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16",
             "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--workers", "0",
-            "--grid-samples", "16", "--tick-kimg", "1", "--snap-kimg", "1"]  # a checkpoint per stage end
+            "--grid-samples", "16", "--tick-kimg", "1", "--snap-kimg", "0.016", "--keep", "10"]
+FINAL, MID_FADE = "checkpoint-000000000096.pt", "checkpoint-000000000048.pt"  # 8x8 stable; fade a=0.5
 
 
 # tests/test_tools_eval.py uses these fixtures too; they build in a fixed folder of the session's
@@ -62,7 +63,7 @@ def eval_run(eval_data, tmp_path_factory) -> Path:
     from triangle.progressive.train import main as train
 
     run_dir = tmp_path_factory.getbasetemp() / "eval-runs" / "tiny"
-    if not (run_dir / "checkpoint-000000000096.pt").exists():
+    if not (run_dir / FINAL).exists():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny convolutions: a second thread only waits (and spins under load)
         try:
@@ -159,21 +160,25 @@ def test_clean_resize_is_clean_fids():
 # Reconstruction
 
 
-def test_reconstruction_mse_matches_hand_computation(eval_data, eval_run):
-    loaded = load_checkpoint(eval_run, ema=False, inference=True)
-    assert loaded.fade_alpha == 1.0 and loaded.resolution == RES
+@pytest.mark.parametrize("name", [FINAL, MID_FADE])
+def test_reconstruction_mse_matches_hand_computation(eval_data, eval_run, name):
+    loaded = load_checkpoint(eval_run / name, ema=False, inference=True)
+    a = loaded.fade_alpha
+    assert loaded.resolution == RES and (a == 1.0) == (name == FINAL)
     ds = MultiResolutionDataset(eval_data, split="test")
     by_hand = []
     for i in range(2):
         x = ds[(i, RES, False)].double() / 127.5 - 1  # uint8 -> [-1, 1]
+        blurred = torch.nn.functional.avg_pool2d(x[None], 2)[0].repeat_interleave(2, 1).repeat_interleave(2, 2)
+        x = (1 - a) * blurred + a * x  # mid-fade: the images as training shows them
         with torch.no_grad():
-            mu, _ = loaded.inference(x[None].float(), 1.0)
-            rec = loaded.generator(mu, 1.0)[0].double()
+            mu, _ = loaded.inference(x[None].float(), a)
+            rec = loaded.generator(mu, a)[0].double()
         by_hand.append(((x - rec) ** 2).sum().item() / (3 * RES * RES))
-    r = reconstruction_error(loaded.generator, loaded.inference, eval_data, RES, 1.0, count=2, batch=1)
+    r = reconstruction_error(loaded.generator, loaded.inference, eval_data, RES, a, count=2, batch=1)
     assert r.count == 2 and r.split == "test"
-    assert r.mse == pytest.approx(sum(by_hand) / 2, rel=1e-6)
-    whole = reconstruction_error(loaded.generator, loaded.inference, eval_data, RES, 1.0, batch=5)
+    assert r.mse == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    whole = reconstruction_error(loaded.generator, loaded.inference, eval_data, RES, a, batch=5)
     assert whole.count == 16
 
 
