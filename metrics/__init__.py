@@ -1,1 +1,43 @@
-"""metrics"""
+"""Evaluation of trained runs (DESIGN §6): FID/KID through clean-fid, test reconstruction error,
+latent walks, and a loader for every network of a checkpoint.
+
+Imports ``networks``, ``datasets`` and the checkpoint side of ``progressive``; never ``tools/``
+or ``bench/`` (DESIGN §7). The user commands are tools/fid.py, reconstruct.py, interpolate.py
+and sample.py.
+"""
+
+from .checkpoint_models import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
+from .fid import (
+    FeatureStats,
+    FIDError,
+    FIDResult,
+    InceptionFeatures,
+    RandomConvFeatures,
+    data_statistics,
+    fid_from_stats,
+    fid_of_generator,
+    kid_from_stats,
+)
+from .interpolation import latent_walks, lerp, random_endpoints, slerp
+from .reconstruction import ReconstructionResult, reconstruction_error
+
+__all__ = [
+    "FIDError",
+    "FIDResult",
+    "FeatureStats",
+    "InceptionFeatures",
+    "LoadedCheckpoint",
+    "RandomConvFeatures",
+    "ReconstructionResult",
+    "data_statistics",
+    "fid_from_stats",
+    "fid_of_generator",
+    "kid_from_stats",
+    "latent_walks",
+    "lerp",
+    "load_checkpoint",
+    "random_endpoints",
+    "reconstruction_error",
+    "resolve_checkpoint",
+    "slerp",
+]

@@ -64,7 +64,7 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 @device_option
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="DataLoader workers resizing the data images.")
+              help="Workers resizing images to 299 (DataLoader processes for the data, threads for samples).")
 @click.option("--ema/--raw", default=True, show_default=True, help="EMA or raw generator weights.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled z.")
 @click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
