@@ -8,7 +8,9 @@ A run directory holds (all written by the main process):
 | ``metrics.jsonl`` | one JSON object per tick: losses per term, f(data), f(generated), reconstruction error, grad norms, images/s, stage, alpha, lr, memory |
 | ``stages.jsonl`` | one JSON object per stage rebuild: images seen, old and new stage, seconds, per-rank weight checksums, prepared models/optimisers, memory |
 | ``log.txt`` | the terminal's progress lines |
-| ``grids/`` | PNG sample grids (EMA and raw generator, fixed z) and reconstructions of held-out images |
+| ``grids/`` | ``<images>-ema.png``, ``<images>-raw.png`` (samples of the EMA and raw generator from a fixed z) and ``<images>-reconstructions.png`` (held-out images, rows alternating with their reconstructions g(mu(q(x)))), at every tick and stage end |
+| ``latest-*.png`` | copies of the newest three grids |
+| ``demo.lmdb/`` | the built-in demo dataset, when the run has no ``--data`` |
 | ``checkpoint-<images>.pt`` | the last K checkpoints (see checkpoint.py) |
 | ``DONE`` | written when the schedule is complete |
 """

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,16 +383,17 @@ class _Trainer:
         nrow = max(1, int(math.sqrt(self.grid_z.shape[0])))
         was_training = gen.training, inf.training
         gen.eval(), inf.eval()
-        try:
-            save_images(generate(self.ema, self.grid_z, alpha), folder / f"{tag}-ema.png", nrow)
-            save_images(generate(gen, self.grid_z, alpha), folder / f"{tag}-raw.png", nrow)
-            if self.held_out is not None:
-                x = self._held_out_batch(alpha)
-                rec = reconstruct(gen, inf, x, alpha)
-                n = min(8, x.shape[0])
-                save_images(interleave_rows(x, rec, n), folder / f"{tag}-reconstructions.png", n)
-        finally:
-            gen.train(was_training[0]), inf.train(was_training[1])
+        grids = {"ema": (generate(self.ema, self.grid_z, alpha), nrow),
+                 "raw": (generate(gen, self.grid_z, alpha), nrow)}
+        if self.held_out is not None:
+            x = self._held_out_batch(alpha)
+            n = min(8, x.shape[0])
+            grids["reconstructions"] = (interleave_rows(x, reconstruct(gen, inf, x, alpha), n), n)
+        gen.train(was_training[0]), inf.train(was_training[1])
+        for kind, (images, columns) in grids.items():
+            save_images(images, folder / f"{tag}-{kind}.png", columns)
+            # The newest of each in the run directory itself, for a quick look.
+            shutil.copyfile(folder / f"{tag}-{kind}.png", self.run_dir / f"latest-{kind}.png")
 
     def _held_out_batch(self, alpha: float) -> torch.Tensor:
         r = self.stage.resolution
@@ -403,6 +405,8 @@ class _Trainer:
         """Progress line, metrics record and grids for the steps since the last report."""
         if not self.acc_count:
             return
+        if not all_finite(self._raw() + [self.ema]):
+            raise DivergenceError(self._divergence_message("weights", "a weight"))
         names = sorted(self.acc_sums)
         values = torch.stack([self.acc_sums[n] / self.acc_count for n in names]).float()
         values = self.acc.reduce(values.to(self.device), reduction="mean").cpu().tolist()
@@ -441,9 +445,10 @@ class _Trainer:
         self.acc_sums, self.acc_count = {}, 0
         self.tick_start, self.tick_images, self.tick_pause = time.perf_counter(), self.images_seen, 0.0
 
-    def _divergence_message(self, term: str, what: str) -> str:
+    def _divergence_message(self, term: str, what: str, step: int | None = None) -> str:
         label = stage_label(self.stage.resolution, self.stage.fading)
-        return (f"non-finite {term} at step {self.steps} (kimg {self.images_seen / 1000:g}, stage "
+        step = self.steps if step is None else step
+        return (f"non-finite {term} at step {step} (kimg {self.images_seen / 1000:g}, stage "
                 f"{label}): {what} became NaN/inf. The last checkpoint is intact; re-run the same "
                 f"command to resume from it, with lower learning rates (--lr-g/--lr-i/--lr-e) "
                 f"and --allow-config-change, or pass --nan-policy rollback")
@@ -496,7 +501,8 @@ class _Trainer:
                 if cfg.nan_policy == "rollback" and self.rollbacks < cfg.max_rollbacks:
                     batches = self._rollback(exc, dataset)
                     continue
-                raise DivergenceError(self._divergence_message(f"{exc.term} loss", f"the {exc.term} loss")) from None
+                raise DivergenceError(self._divergence_message(
+                    f"{exc.term} loss", f"the {exc.term} loss", step=self.steps + 1)) from None
             if self.images_seen // tick != (self.images_seen - st.global_batch) // tick:
                 self._report(st)
             if self.images_seen // snap != (self.images_seen - st.global_batch) // snap:
