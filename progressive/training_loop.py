@@ -170,11 +170,17 @@ class _Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "grids").mkdir(exist_ok=True)
         ckpt.remove_stale_temporaries(self.run_dir)
-        write_json_atomic(self.run_dir / OPTIONS_FILE, self.cfg.to_dict())
         self.console = Console(self.run_dir)
+
+    def _accept(self, checkpoint_images: int) -> None:
+        """Once the run directory is known to belong to this config: options, logs, trackers."""
+        if not self.main:
+            return
+        write_json_atomic(self.run_dir / OPTIONS_FILE, self.cfg.to_dict())
+        for name in ("metrics.jsonl", "stages.jsonl"):  # drop records past the checkpoint
+            truncate_jsonl(self.run_dir / name, checkpoint_images)
         if self.cfg.tensorboard:
-            flat = {k: v for k, v in _flat_scalars(self.cfg.to_dict()).items()}
-            self.acc.init_trackers("triangle", config=flat)
+            self.acc.init_trackers("triangle", config=_flat_scalars(self.cfg.to_dict()))
 
     def _print(self, line: str) -> None:
         if self.console is not None:
@@ -239,10 +245,8 @@ class _Trainer:
         """Resume from the latest checkpoint, or build the networks at 4x4."""
         found = [str(ckpt.latest_checkpoint(self.run_dir) or "")] if self.main else [""]
         found = broadcast_object_list(found)[0] if self.world > 1 else found[0]
-        if self.main:  # drop records past the checkpoint (or all, for a fresh start)
-            for name in ("metrics.jsonl", "stages.jsonl"):
-                truncate_jsonl(self.run_dir / name, self._checkpoint_images(found))
         if not found:
+            self._accept(0)
             nets = [n.to(self.device) for n in self._build(Stage(4, False))]
             self.ema = copy.deepcopy(nets[0]).eval().requires_grad_(False)
             self._prepare(nets, self._optimizers(nets))
@@ -255,21 +259,19 @@ class _Trainer:
         payload = ckpt.read_checkpoint(found)
         accepted = check_resume_compatible(payload["config"], self.cfg, self.allow_config_change,
                                            found)
-        self._restore(payload)
-        st = schedule(self.images_seen, self.cfg.schedule, self.world)
-        if st.stage.index < self.stage.index:
+        saved, images = Stage(**payload["stage"]), int(payload["images_seen"])
+        st = schedule(images, self.cfg.schedule, self.world)
+        if st.stage.index < saved.index:
             raise UserError(
-                f"with the new schedule, kimg {self.images_seen / 1000:g} falls in {st.phase_name}, "
-                f"before the checkpoint's {stage_label(self.stage.resolution, self.stage.fading)}: "
+                f"with the new schedule, kimg {images / 1000:g} falls in {st.phase_name}, "
+                f"before the checkpoint's {stage_label(saved.resolution, saved.fading)}: "
                 "networks cannot shrink; keep the phase lengths up to this point")
+        self._accept(images)
+        self._restore(payload)
         for line in accepted:
             self._print(f"config change accepted: {line}")
         self._print(f"resumed from {found} at kimg {self.images_seen / 1000:g}, "
                     f"stage {stage_label(self.stage.resolution, self.stage.fading)}")
-
-    @staticmethod
-    def _checkpoint_images(path: str) -> int:
-        return int(Path(path).stem.split("-")[1]) if path else 0
 
     def _data(self, dataset: MultiResolutionDataset):
         sampler = _sampler(dataset, self.cfg, self.rank, self.world, self.images_seen)

@@ -247,6 +247,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_p
         checkpoint.unlink()
     base = ["--data", data, "--run-dir", str(run_dir), *TINY]
 
+    options = (run_dir / "training_options.json").read_text()
     widths = run_cli([*base, "--latent-dim", "16"])
     assert widths.exit_code == 1 and "network.latent_dim: 8 -> 16" in widths.output
     assert "Traceback" not in widths.output
@@ -257,6 +258,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_p
     shrink = run_cli([*base, "--stable-kimg", "0.128", "--allow-config-change"])
     assert shrink.exit_code == 1 and "cannot shrink" in shrink.output
     assert "Traceback" not in shrink.output
+    assert (run_dir / "training_options.json").read_text() == options  # refusals change nothing
 
     longer = [*base, "--total-kimg", "0.4"]  # a longer last phase
     refused = run_cli(longer)
