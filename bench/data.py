@@ -9,9 +9,18 @@ compress like photos). Printed:
 - preparation images/s, all levels 4..1024: ours (2x2 box cascade, raw <= 64, JPEG above)
   against per-level Lanczos resize from the full image + JPEG for every level, as the
   PyTorch StyleGAN ports' prepare_data.py does; both with the same number of processes;
-- reading images/s per resolution with 0 and 2 DataLoader workers: ours (uint8) against
-  (a) PIL-decoding a JPEG stored per level in LMDB with the ports' transform (flip, ToTensor,
-  Normalize) and (b) torchvision ImageFolder resizing the 1024 JPEGs on the fly.
+- reading images/s per resolution with 0 and 2 DataLoader workers, at the trainer's batch on
+  one GPU (``batch_sizes`` of the default schedule: 128 at 4², 64 at 32², 32 at 128², 16 at
+  256², 4 at 1024²; ``--batch N`` for one size everywhere): ours (uint8, read the way the
+  trainer reads it: ``DataLoader(ds, batch_sampler=ScheduledBatchSampler, num_workers=k,
+  persistent_workers=k>0)``, the default collate) against (a) PIL-decoding a JPEG stored per
+  level in LMDB with the ports' transform (flip, ToTensor, Normalize) and (b) torchvision
+  ImageFolder resizing the 1024 JPEGs on the fly; both baselines with DataLoader's own
+  batching at the same batch size (ImageFolder: at most 16, as it reads few images).
+  "item by item" is our dataset without ``__getitems__`` (one ``__getitem__`` per image,
+  then the default collate stacks), the way the reader worked before it had one. Each
+  figure is the median of ``--repeats`` interleaved measurements, each at least 0.3 s (the
+  machine may be shared: compare only figures of one run).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from triangle.datasets import (
     write_lmdb,
 )
 from triangle.datasets.demo import render_demo_image
+from triangle.progressive.schedule import ScheduleConfig, batch_sizes
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
 
@@ -99,18 +109,45 @@ class PortDataset(Dataset):
         return {**self.__dict__, "env": None}
 
 
-def _indices(n: int, count: int) -> list[int]:
-    """Random indices as a plain list (cheap to iterate; the same for every reader)."""
-    return np.random.default_rng(0).integers(0, n, size=count).tolist()
+class RandomIndices:
+    """An endless stream of random indices for a baseline's DataLoader (the same for every
+    reader and run), so a measurement may take as many batches as it needs."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        while True:
+            yield from rng.integers(0, self.n, size=4096).tolist()
 
 
-def _rate(loader, reads: int, batch: int) -> float:
+class ItemByItem(Dataset):
+    """Our dataset without ``__getitems__``: DataLoader reads it one ``__getitem__`` at a time."""
+
+    def __init__(self, ds: MultiResolutionDataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        return self.ds[key]
+
+
+def _rate(loader, reads: int, skip: int, min_seconds: float = 0.3) -> float:
+    """Images/s over at least ``reads`` images, 4 batches and ``min_seconds`` (a time slice
+    lost to another job must not decide a figure), after the first ``1 + skip`` batches
+    (workers started; with k workers, batches made while the first was awaited are ready at
+    once: skip k of them)."""
     it = iter(loader)
-    next(it)  # workers started and warm
-    n, t0 = 0, time.perf_counter()
-    while n < reads:
+    for _ in range(1 + skip):
+        next(it)
+    n, batches, t0 = 0, 0, time.perf_counter()
+    while n < reads or batches < 4 or time.perf_counter() - t0 < min_seconds:
         batch_ = next(it)
         n += len(batch_[0] if isinstance(batch_, (list, tuple)) else batch_)  # ImageFolder: (x, y)
+        batches += 1
     rate = n / (time.perf_counter() - t0)
     del it
     return rate
@@ -118,12 +155,14 @@ def _rate(loader, reads: int, batch: int) -> float:
 
 @click.command()
 @click.option("--images", default=48, show_default=True, help="1024x1024 input JPEGs.")
-@click.option("--reads", default=512, show_default=True, help="Images read per measurement (a quarter at 1024).")
-@click.option("--batch", default=16, show_default=True)
+@click.option("--reads", default=512, show_default=True, help="Images read per measurement, at least (a quarter at 1024).")
+@click.option("--batch", default=0, show_default=True,
+              help="Batch size for every resolution; 0: the trainer's one-GPU batch per resolution.")
+@click.option("--repeats", default=3, show_default=True, help="Interleaved measurements per figure (median).")
 @click.option("--workers", default=2, show_default=True, help="Processes for preparing; DataLoader workers.")
 @click.option("--resolutions", default="4,32,128,256,1024", show_default=True)
 @click.option("--workdir", default=None, help="Where to put the inputs and LMDBs (default: a temp dir).")
-def main(images, reads, batch, workers, resolutions, workdir):
+def main(images, reads, batch, repeats, workers, resolutions, workdir):
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(workdir or tmp.name)
@@ -150,27 +189,37 @@ def main(images, reads, batch, workers, resolutions, workdir):
     import torchvision.datasets as tvd
     import torchvision.transforms as T
 
-    print(f"\nread, images/s (batch {batch}); ratios are ours / baseline")
-    print(f"{'res':>5} {'workers':>7} {'ours':>9} {'lmdb+PIL':>9} {'ratio':>6} {'ImageFolder':>11} {'ratio':>6}")
+    print("\nread, images/s; ratios are ours / baseline; median of "
+          f"{repeats} interleaved measurements")
+    print(f"{'res':>5} {'batch':>5} {'workers':>7} {'ours':>8} {'item by item':>12} {'lmdb+PIL':>9} {'ratio':>6} "
+          f"{'ImageFolder':>11} {'ratio':>6}")
     ds = MultiResolutionDataset(ours_path, split="all")
     port_ds = PortDataset(port_path, images)  # one per process: LMDB allows one handle per file
     for res in [int(r) for r in resolutions.split(",")]:
-        n = reads // 4 if res >= 1024 else reads
+        b = batch or batch_sizes(ScheduleConfig(max_resolution=max(res, 4)), res)[1]
+        n = max(reads // 4 if res >= 1024 else reads, 2 * b)
+        tf = T.Compose([T.Resize((res, res)), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        folder = tvd.ImageFolder(str(root / "inputs"), transform=tf)
+        port_ds.resolution = res
         for w in (0, workers):
             kw = {"num_workers": w, "persistent_workers": w > 0}
-            sampler = ScheduledBatchSampler(len(ds), lambda _n, r=res: (r, batch), seed=0)
-            ours = _rate(DataLoader(ds, batch_sampler=sampler, **kw), n, batch)
-            port_ds.resolution = res
-            port = _rate(DataLoader(port_ds, batch_size=batch, **kw,
-                                    sampler=_indices(len(port_ds), n + 2 * batch)), n, batch)
-            tf = T.Compose([T.Resize((res, res)), T.RandomHorizontalFlip(), T.ToTensor(),
-                            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-            folder = tvd.ImageFolder(str(root / "inputs"), transform=tf)
-            imf = _rate(DataLoader(folder, batch_size=batch, **kw,
-                                   sampler=_indices(len(folder), n + 2 * batch)),
-                        max(batch * 2, n // 8), batch)
-            print(f"{res:>5} {w:>7} {ours:>9.0f} {port:>9.0f} {ours / port:>5.1f}x {imf:>11.0f} {ours / imf:>5.0f}x",
-                  flush=True)
+            rates: dict[str, list[float]] = {"ours": [], "item": [], "port": [], "imf": []}
+            for _ in range(repeats):  # interleaved, so a burst of load hits every reader alike
+                sampler = ScheduledBatchSampler(len(ds), lambda _n, r=res, b=b: (r, b), seed=0)
+                rates["ours"].append(_rate(DataLoader(ds, batch_sampler=sampler, **kw), n, w))
+                sampler = ScheduledBatchSampler(len(ds), lambda _n, r=res, b=b: (r, b), seed=0)
+                rates["item"].append(_rate(DataLoader(ItemByItem(ds), batch_sampler=sampler, **kw), n, w))
+                rates["port"].append(_rate(DataLoader(port_ds, batch_size=b, **kw,
+                                                      sampler=RandomIndices(len(port_ds))), n, w))
+                # ~100x slower (a 1024 JPEG decoded per image): fewer reads, a batch of at most 16
+                # (its per-batch costs are nothing beside that decode)
+                bf = min(b, 16)
+                rates["imf"].append(_rate(DataLoader(folder, batch_size=bf, **kw,
+                                                     sampler=RandomIndices(len(folder))), 4 * bf, w))
+            ours, item, port, imf = (float(np.median(rates[k])) for k in ("ours", "item", "port", "imf"))
+            print(f"{res:>5} {b:>5} {w:>7} {ours:>8.0f} {item:>12.0f} {port:>9.0f} {ours / port:>5.1f}x "
+                  f"{imf:>11.0f} {ours / imf:>5.0f}x", flush=True)
     ds.close()
     if tmp is not None:
         tmp.cleanup()

@@ -4,16 +4,27 @@ The environment is opened lazily, once per process (a handle must never cross a 
 ``readonly=True, lock=False, readahead=False``; pickling drops it, so DataLoader workers
 under fork and spawn each open their own. Items are addressed as ``(index, resolution,
 flip)``, so the resolution can change from one batch to the next with the same workers.
+
+DataLoader hands each whole batch to ``__getitems__``: one LMDB transaction, every image
+decoded (or, raw, copied) straight into one ``uint8`` B x 3 x R x R tensor, its flip folded
+into that copy. It is returned as an :class:`ImageBatch`, a sequence of the B images that the
+default collate turns back into that tensor without a copy (importing this module registers
+that with ``default_collate``), so ``DataLoader(ds, batch_sampler=...)`` needs no
+``collate_fn``. From a worker, a batch of up to ``PIPE_MAX_BYTES`` travels as bytes through
+the result pipe, a larger one as one shared-memory tensor it was decoded into; either way the
+main process receives a plain tensor.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .format import (
     DatasetError,
@@ -28,11 +39,16 @@ from .format import (
     release_reader,
 )
 
-try:  # libjpeg-turbo straight into a CHW tensor: ~1.3x faster than PIL, and no extra copy
-    from torchvision.io import decode_jpeg as _tv_decode_jpeg
-    from torchvision.io import decode_png as _tv_decode_png
-except ImportError:  # pragma: no cover - torchvision is a dependency, but the reader does not need it
-    _tv_decode_jpeg = _tv_decode_png = None
+try:  # libjpeg-turbo into a CHW view of an HWC tensor: ~1.3x faster than PIL
+    import torchvision.io  # noqa: F401  (registers the image ops)
+
+    # The ops behind torchvision.io.decode_jpeg/decode_png, called directly: the public
+    # functions raise a DeprecationWarning on every call. Mode 3 = ImageReadMode.RGB
+    # (grayscale and CMYK records come out RGB).
+    _DECODERS = {"jpeg": torch.ops.image.decode_jpeg, "png": torch.ops.image.decode_png}
+    _RGB = 3
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - the reader works without it (PIL)
+    _DECODERS = {}
 
 SPLITS = ("train", "test", "all")
 
@@ -90,14 +106,16 @@ class MultiResolutionDataset(Dataset):
                                f"{', '.join(map(str, self.resolutions))}")
         return int(resolution)
 
-    def _txn(self):
+    def _txn(self, buffers: bool = False):
+        """A read transaction on this process's handle (``buffers``: values are views of the
+        map, valid until the transaction ends)."""
         h = self._handle
         if h is None or h.pid != os.getpid():  # first use in this process, or a fork since
             h = self._handle = _Handle(acquire_reader(self.path))
             with h.env.begin() as txn:  # the dataset must not have changed under us
                 if metadata_from_txn(txn, self.path).count != self.meta.count:
                     raise DatasetError(f"{self.path}: changed since it was opened; reopen it")
-        return h.env.begin()
+        return h.env.begin(buffers=buffers)
 
     def close(self) -> None:
         """Give back this process's handle (reopened lazily on the next read)."""
@@ -111,6 +129,72 @@ class MultiResolutionDataset(Dataset):
         else:
             i, resolution, flip = key, self.resolution, False
         return self.image(int(i), int(resolution), bool(flip))
+
+    def __getitems__(self, keys: list) -> ImageBatch:
+        """A whole batch of keys (as ``__getitem__`` takes them) at once, as one tensor.
+
+        DataLoader calls this with each batch of its batch sampler. Keys of mixed resolutions
+        give a plain list of the images (as ``__getitem__`` would).
+        """
+        items = [k if isinstance(k, tuple) else (k, self.resolution, False) for k in keys]
+        if not items:
+            return []
+        idx, res, flips = zip(*items, strict=True)
+        resolution = int(res[0])
+        if any(int(r) != resolution for r in res):
+            return [self[k] for k in keys]
+        resolution = self._check_resolution(resolution)
+        pos = np.asarray(idx, dtype=np.int64)
+        bad = (pos < 0) | (pos >= len(self.indices))
+        if bad.any():
+            raise IndexError(f"index {int(pos[bad][0])} out of range for the {self.split} split of "
+                             f"{len(self.indices)} items")
+        flip = np.asarray(flips, dtype=bool)
+        out = _empty_batch((len(items), 3, resolution, resolution))
+        if resolution in self.meta.derived:
+            for j, index in enumerate(self.indices[pos].tolist()):
+                t = self._read(index, resolution)
+                out[j] = t.flip(2) if flip[j] else t
+        else:
+            self._read_batch(self.indices[pos].tolist(), resolution, flip, out.numpy())
+        return ImageBatch(out)
+
+    def _read_batch(self, indices: list[int], resolution: int, flip: np.ndarray, out: np.ndarray) -> None:
+        """Records ``indices`` at ``resolution`` into ``out`` (B x 3 x R x R, flipped where ``flip``)."""
+        if self.meta.layout == "triangle":
+            prefix = f"r{resolution}/".encode()
+            keys = [prefix + b"%08d" % i for i in indices]
+        else:
+            keys = [port_key(resolution, i) for i in indices]
+        codec = self.meta.codecs[resolution]
+        r = resolution
+        with self._txn(buffers=True) as txn:
+            if codec == "raw":
+                records = [txn.get(k) for k in keys]
+                if None in records:
+                    self._missing(keys[records.index(None)])
+                size = r * r * 3
+                if any(len(b) != size for b in records):
+                    b = next(b for b in records if len(b) != size)
+                    raise DatasetError(f"raw record of {len(b)} bytes, expected {r}x{r}x3")
+                hwc = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(-1, r, r, 3)
+                chw = hwc.transpose(0, 3, 1, 2)
+                if flip.all():
+                    np.copyto(out, chw[..., ::-1])
+                else:
+                    np.copyto(out, chw)
+                    if flip.any():
+                        out[flip] = chw[flip][..., ::-1]
+                return
+            for j, k in enumerate(keys):
+                data = txn.get(k)
+                if data is None:
+                    self._missing(k)
+                a = decode_tensor(data, codec, r).numpy()  # CHW view of the decoded HWC image
+                np.copyto(out[j], a[..., ::-1] if flip[j] else a)
+
+    def _missing(self, key: bytes):
+        raise DatasetError(f"{self.path}: record {key.decode()} is missing; run prepare_lmdb.py verify")
 
     def image(self, i: int, resolution: int, flip: bool = False, as_float: bool = False) -> torch.Tensor:
         """Item ``i`` of the split: ``uint8`` 3 x R x R, or ``float32`` in [-1, 1] if ``as_float``."""
@@ -139,17 +223,92 @@ class MultiResolutionDataset(Dataset):
         return decode_tensor(data, self.meta.codecs[resolution], resolution)
 
 
-def decode_tensor(data: bytes, codec: str, resolution: int) -> torch.Tensor:
-    """Record bytes -> ``uint8`` 3 x R x R tensor (contiguous)."""
-    if codec == "jpeg" and _tv_decode_jpeg is not None:
-        t = _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    elif codec == "png" and _tv_decode_png is not None:
-        t = _tv_decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    else:
-        a = decode_numpy(data, codec, resolution)
+def decode_tensor(data, codec: str, resolution: int) -> torch.Tensor:
+    """Record bytes -> ``uint8`` 3 x R x R tensor (a view of HWC memory for JPEG/PNG)."""
+    op = _DECODERS.get(codec)
+    if op is None:
+        a = decode_numpy(bytes(data), codec, resolution)
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-    if t.shape[0] == 1:  # a grayscale JPEG written by another tool
-        t = t.expand(3, -1, -1).contiguous()
+    t = op(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB, False)
     if tuple(t.shape) != (3, resolution, resolution):
         raise DatasetError(f"record decodes to {tuple(t.shape)}, expected (3, {resolution}, {resolution})")
     return t
+
+
+# Batches up to this size leave a DataLoader worker as bytes through its result pipe; larger
+# ones in shared memory. Passing a shared-memory tensor costs a socket connection with an
+# authentication handshake per batch (the file descriptor changes hands), about a
+# millisecond, which is most of the time of a small batch.
+PIPE_MAX_BYTES = 1 << 20
+
+
+def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised ``uint8`` tensor; in a DataLoader worker and above PIPE_MAX_BYTES, in
+    shared memory, which is how it travels to the main process (else pickling it would copy it)."""
+    if get_worker_info() is None or math.prod(shape) <= PIPE_MAX_BYTES:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+
+class _Image(torch.Tensor):
+    """One image of an :class:`ImageBatch` (a view into the batch). Operations on it give
+    plain tensors; the type only lets the default collate recognise the batch."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+class ImageBatch(Sequence):
+    """What ``__getitems__`` returns: the B images of a batch, held as one contiguous
+    ``uint8`` B x 3 x R x R tensor (``.tensor``). ``batch[k]`` is image k (3 x R x R, a
+    view); the default collate of DataLoader returns ``.tensor`` itself, without a copy.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.tensor[k].as_subclass(_Image)
+
+    def __repr__(self) -> str:
+        return f"ImageBatch({tuple(self.tensor.shape)})"
+
+
+def collate_images(batch, *, collate_fn_map=None) -> torch.Tensor:
+    """Collate of :class:`ImageBatch`: its tensor, as it is; any other list of images: stacked."""
+    if isinstance(batch, ImageBatch):
+        t = batch.tensor
+        if not t.is_shared() and get_worker_info() is not None:
+            return t.as_subclass(_Piped)
+        return t
+    return torch.stack(list(batch))  # _Image's operations give plain tensors
+
+
+class _Piped(torch.Tensor):
+    """A small batch leaving a DataLoader worker: pickled as its bytes, unpickled (in the main
+    process) as a plain tensor, instead of as a shared-memory tensor. Operations on it give
+    plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __reduce_ex__(self, protocol):
+        return _tensor_from_bytes, (bytearray(self.numpy()), tuple(self.shape))
+
+
+def _tensor_from_bytes(data: bytearray, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(data, dtype=torch.uint8).view(shape)
+
+
+try:  # the documented way to extend default_collate: by the type of a batch's first element
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map.setdefault(_Image, collate_images)
+except ImportError:  # pragma: no cover - then _Image is collated as a Tensor: stacked, one copy
+    pass

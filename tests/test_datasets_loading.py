@@ -1,14 +1,25 @@
-"""The reader under real DataLoader workers (fork and spawn) and the scheduled sampler."""
+"""The reader under real DataLoader workers (fork and spawn), whole batches, and the scheduled sampler."""
 
 from __future__ import annotations
 
+import io
 import pickle
 
+import lmdb
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
 
-from triangle.datasets import MultiResolutionDataset, ScheduledBatchSampler, write_demo_lmdb
+from triangle.datasets import (
+    DatasetError,
+    MultiResolutionDataset,
+    ScheduledBatchSampler,
+    reader,
+    write_demo_lmdb,
+)
+from triangle.datasets.reader import ImageBatch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
 
@@ -102,3 +113,95 @@ def test_sampler_follows_plan_and_resumes_exactly():
     assert not any(f for b in no_flip for _, _, f in b)
     s = ScheduledBatchSampler(50, plan, rank=1, world_size=2, seed=3)
     assert s.position(7) == full[7][::2]
+
+
+# -- whole batches: __getitems__ ---------------------------------------------------------------
+
+
+def _reference(ds, keys):
+    return torch.stack([ds[k] for k in keys])
+
+
+@pytest.mark.parametrize("resolution", [4, 16, 32])  # raw, raw, JPEG
+@pytest.mark.parametrize("flips", ["none", "all", "some"])
+def test_getitems_equals_item_by_item(demo32, resolution, flips):
+    ds = MultiResolutionDataset(demo32)
+    pick = {"none": lambda j: False, "all": lambda j: True, "some": lambda j: j % 3 == 1}[flips]
+    keys = [((7 * j) % len(ds), resolution, pick(j)) for j in range(11)]
+    batch = ds.__getitems__(keys)
+    assert isinstance(batch, ImageBatch) and len(batch) == 11
+    want = _reference(ds, keys)
+    assert torch.equal(batch.tensor, want)
+    assert batch.tensor.dtype == torch.uint8 and batch.tensor.is_contiguous()
+    assert torch.equal(batch[3], want[3]) and type(batch[3] * 1) is torch.Tensor  # images: plain results
+    # The default collate gives back the batch tensor itself (no copy), a plain tensor.
+    collated = default_collate(batch)
+    assert type(collated) is torch.Tensor and collated.data_ptr() == batch.tensor.data_ptr()
+    # A list of its images (e.g. rearranged by hand) is stacked.
+    assert torch.equal(default_collate([batch[1], batch[0]]), want[[1, 0]])
+    ds.close()
+
+
+def test_getitems_plain_indices_mixed_resolutions_and_errors(demo32):
+    ds = MultiResolutionDataset(demo32, resolution=16)
+    assert torch.equal(ds.__getitems__([2, 5]).tensor, _reference(ds, [(2, 16, False), (5, 16, False)]))
+    mixed = ds.__getitems__([(1, 8, False), (1, 16, True)])  # not one batch tensor: the images
+    assert [tuple(t.shape) for t in mixed] == [(3, 8, 8), (3, 16, 16)]
+    assert ds.__getitems__([]) == []
+    with pytest.raises(IndexError):
+        ds.__getitems__([(0, 16, False), (len(ds), 16, False)])
+    with pytest.raises(DatasetError, match="no 64x64 level"):
+        ds.__getitems__([(0, 64, False)])
+    ds.close()
+
+
+def test_getitems_missing_record_says_verify(tmp_path):
+    path = tmp_path / "d.lmdb"
+    write_demo_lmdb(path, count=6, max_resolution=32, raw_max=16)
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.delete(b"r16/00000004")
+        txn.delete(b"r32/00000004")
+    env.close()
+    ds = MultiResolutionDataset(path, split="all")
+    for r in (16, 32):
+        with pytest.raises(DatasetError, match=f"r{r}/00000004 is missing"):
+            ds.__getitems__([(3, r, False), (4, r, False)])
+    ds.close()
+
+
+def test_getitems_stylegan_port_layout_with_derived_levels(tmp_path):
+    path = tmp_path / "port.lmdb"
+    env = lmdb.open(str(path), map_size=1 << 26, readahead=False)
+    with env.begin(write=True) as txn:  # JPEG per level, as the ports' prepare_data.py writes it
+        for i in range(4):
+            img = Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            for size in (8, 16, 32):
+                buf = io.BytesIO()
+                img.resize((size, size), Image.LANCZOS).save(buf, format="jpeg", quality=95)
+                txn.put(f"{size}-{i:05d}".encode(), buf.getvalue())
+        txn.put(b"length", b"4")
+    env.close()
+    ds = MultiResolutionDataset(path, split="all")
+    for r in (4, 8, 32):  # 4x4 is derived from 8x8
+        keys = [(i, r, i % 2 == 0) for i in (3, 0, 2, 1)]
+        assert torch.equal(default_collate(ds.__getitems__(keys)), _reference(ds, keys))
+    ds.close()
+
+
+@pytest.mark.parametrize("pipe_max_bytes", [0, 1 << 20])  # shared memory, or bytes through the pipe
+def test_batches_from_workers_are_plain_tensors(demo32, monkeypatch, pipe_max_bytes):
+    monkeypatch.setattr(reader, "PIPE_MAX_BYTES", pipe_max_bytes)  # inherited by the forked workers
+    ds = MultiResolutionDataset(demo32)
+    sampler = ScheduledBatchSampler(len(ds), lambda n: (16, 6) if n < 36 else (32, 6), seed=2)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork",
+                        persistent_workers=True)
+    it, keys = iter(loader), iter(sampler)
+    for _ in range(10):
+        batch, want = next(it), next(keys)
+        assert type(batch) is torch.Tensor and batch.shape == (6, 3, want[0][1], want[0][1])
+        assert torch.equal(batch, _reference(ds, want))
+        assert batch.is_shared() == (pipe_max_bytes == 0)  # the way it came
+        batch.add_(1)  # writable, owned by the main process
+    del it
+    ds.close()
