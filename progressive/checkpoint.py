@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from triangle.progressive.config import UserError
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{12})\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (unreadable, another format, another configuration)."""
 
 
@@ -181,8 +183,7 @@ def load_generator(
     ``ema=False`` returns the raw (non-averaged) generator.
     """
     from triangle.networks import Stage, build_network
-
-    from .config import TrainConfig
+    from triangle.progressive.config import TrainConfig
 
     path = Path(checkpoint_or_run_dir)
     if path.is_dir():
