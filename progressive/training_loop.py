@@ -51,7 +51,7 @@ from triangle.progressive.run_dir import (
     truncate_jsonl,
     write_json_atomic,
 )
-from triangle.progressive.schedule import ScheduleState, schedule, total_images
+from triangle.progressive.schedule import ScheduleState, batch_sizes, schedule, total_images
 from triangle.progressive.step import (
     NonFiniteLossError,
     TrainModels,
@@ -162,6 +162,7 @@ class _Trainer:
         self.ema: nn.Module | None = None
         self.stage: Stage | None = None
         self.console = self.metrics_log = self.stages_log = None
+        self.last_alpha, self.last_lrs = 1.0, (0.0, 0.0, 0.0)  # of the last step, for reports
 
     # -- setup --------------------------------------------------------------------------------
     def _open_run_dir(self) -> None:
@@ -403,7 +404,7 @@ class _Trainer:
         x = x.to(self.device)
         return fade_images(x, alpha) if self.stage.fading else x
 
-    def _report(self, st: ScheduleState, final: bool = False) -> None:
+    def _report(self, final: bool = False) -> None:
         """Progress line, metrics record and grids for the steps since the last report."""
         if not self.acc_count:
             return
@@ -419,12 +420,13 @@ class _Trainer:
         speed = images / max(seconds - self.tick_pause, 1e-9)
         self.elapsed_s += seconds
         eta = (self.total - self.images_seen) / max(speed, 1e-9)
+        global_batch, per_gpu_batch = batch_sizes(self.cfg.schedule, self.stage.resolution, self.world)
         record = {
             "images_seen": self.images_seen, "kimg": self.images_seen / 1000, "step": self.steps,
             "stage": stage_label(self.stage.resolution, self.stage.fading),
             "resolution": self.stage.resolution, "fading": self.stage.fading,
-            "alpha": self.last_alpha, "global_batch": st.global_batch,
-            "per_gpu_batch": st.per_gpu_batch, "world_size": self.world,
+            "alpha": self.last_alpha, "global_batch": global_batch,  # the phase's (a last,
+            "per_gpu_batch": per_gpu_batch, "world_size": self.world,  # shortened step aside)
             "lr_generator": self.last_lrs[0], "lr_energy": self.last_lrs[1],
             "lr_inference": self.last_lrs[2], "lr_scale": self.lr_scale,
             "images_per_s": speed, "seconds": seconds, "elapsed_s": self.elapsed_s, "time": time.time(),
@@ -444,6 +446,10 @@ class _Trainer:
                 f"{record['stage']:<14} alpha {self.last_alpha:.3f}  {speed:7.1f} img/s  "
                 f"ETA {format_duration(eta) if not final else '-'}  {brief}")
         self._grids(f"{self.images_seen:09d}")
+        self._new_tick()
+
+    def _new_tick(self) -> None:
+        """Start accumulating the metrics and timing of the next report."""
         self.acc_sums, self.acc_count = {}, 0
         self.tick_start, self.tick_images, self.tick_pause = time.perf_counter(), self.images_seen, 0.0
 
@@ -480,15 +486,12 @@ class _Trainer:
         batches = self._data(dataset)
         self.last_checkpoint = self.images_seen
         tick, snap = round(cfg.tick_kimg * 1000), round(cfg.checkpoint_kimg * 1000)
-        self.acc_sums, self.acc_count = {}, 0
-        self.tick_start, self.tick_images, self.tick_pause = time.perf_counter(), self.images_seen, 0.0
-        self.last_alpha, self.last_lrs = 1.0, (0.0, 0.0, 0.0)
-        st = schedule(self.images_seen, cfg.schedule, self.world)
+        self._new_tick()
         while True:
             st = schedule(self.images_seen, cfg.schedule, self.world)
             if st.stage != self.stage or st.done:  # the end of a stage
                 pause = time.perf_counter()
-                self._report(st, final=st.done)
+                self._report(final=st.done)
                 if self.last_checkpoint != self.images_seen:
                     self._save("stage end" if not st.done else "end")
                 if st.done:
@@ -506,7 +509,7 @@ class _Trainer:
                 raise DivergenceError(self._divergence_message(
                     f"{exc.term} loss", f"the {exc.term} loss", step=self.steps + 1)) from None
             if self.images_seen // tick != (self.images_seen - st.global_batch) // tick:
-                self._report(st)
+                self._report()
             if self.images_seen // snap != (self.images_seen - st.global_batch) // snap:
                 pause = time.perf_counter()
                 self._save(f"every {cfg.checkpoint_kimg:g} kimg")
@@ -564,8 +567,7 @@ class _Trainer:
         self._restore(payload)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         self.last_checkpoint = self.images_seen
-        self.acc_sums, self.acc_count = {}, 0
-        self.tick_start, self.tick_images = time.perf_counter(), self.images_seen
+        self._new_tick()
         return self._data(dataset)
 
     def _finish(self) -> dict:

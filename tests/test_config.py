@@ -49,15 +49,15 @@ def test_resume_rules_network_never_schedule_on_request_runtime_always():
     assert check_resume_compatible(saved, longer, True, "ckpt") == ["seed: 0 -> 1"]
 
     cfg = demo_config()
-    wider = cfg.replace(network=type(cfg.network)(**(cfg.network.to_dict() | {"channel_max": 16})))
-    with pytest.raises(UserError, match=r"other network shapes.*network.channel_max: 32 -> 16"):
+    wider = cfg.replace(network=type(cfg.network)(**(cfg.network.to_dict() | {"channel_max": 32})))
+    with pytest.raises(UserError, match=r"other network shapes.*network.channel_max: 64 -> 32"):
         check_resume_compatible(saved, wider, True, "ckpt")
     assert list(config_differences(saved, wider.to_dict())) == ["network.channel_max"]
 
 
 def test_help_shows_the_defaults():
     out = invoke("--help").output
-    for text in ("--data", "--max-res", "--fade-kimg", "600.0; demo: 4.0", "--objective",
+    for text in ("--data", "--max-res", "--fade-kimg", "600.0; demo: 20.0", "--objective",
                  "--precision", "--seed", "--dry-run", "--allow-config-change", "--nan-policy"):
         assert text in out, text
     assert "--debug" not in out
