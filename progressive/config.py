@@ -52,7 +52,11 @@ class TrainConfig:
     # stored as N(0, 1) a decay acts on the unscaled weights (~sqrt(fan_in) times stronger), so
     # the default is 0.
     generator_weight_decay: float = 0.0
-    adam_moments: str = "reset"  # at a stage rebuild: 'reset' (PGGAN) or 'carry' (by param name)
+    # At a stage rebuild, Adam's moments are 'reset' (PGGAN) or 'carry'-ed over by parameter name.
+    # Measured on the demo (seed 0, 100 kimg): reset reached a lower reconstruction error at 19
+    # of the 20 ticks after the first rebuild (e.g. 0.0133 vs 0.0154 at 32 kimg, 0.0206 vs
+    # 0.0212 at the end): one seed, but no case for deviating from PGGAN.
+    adam_moments: str = "reset"
     # EMA of the generator (stylegan2-ada): half-life in kimg, ramp-up as a fraction of images seen.
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05  # None: no ramp-up
