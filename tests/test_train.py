@@ -188,15 +188,26 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_weights(data, refer
     assert_same_weights(final_state(reference), final_state(run_dir))
 
 
-def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(data, reference, tmp_path):
-    run_dir = tmp_path / "ranks2"
+def launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
+    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py ...``."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + random.Random().randrange(1000)),
-           TRAIN, "--data", data, "--run-dir", str(run_dir), *TINY]
+           "--main_process_port", str(29500 + random.Random().randrange(1000)), TRAIN, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "ranks2"
+    launch_two_ranks(["--data", data, "--run-dir", str(run_dir), *TINY])
+    return run_dir
+
+
+def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(reference, two_ranks):
+    run_dir = two_ranks
 
     rebuilds = jsonl(run_dir / "stages.jsonl")
     assert len(rebuilds) == 4
@@ -213,6 +224,16 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(data
     assert not torch.equal(final["rng"][0]["latent"], final["rng"][1]["latent"])  # per-rank z
     cfg = ScheduleConfig.from_dict(final["config"]["schedule"])
     assert [r["global_batch"] for r in stage_table(cfg, 2)] == [r["global_batch"] for r in stage_table(cfg, 1)]
+
+
+def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path):
+    run_dir = tmp_path / "ranks2-resumed"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    launch_two_ranks([*command, "--debug-stop-at-kimg", "0.2"])  # stops mid-fade, 16 past a checkpoint
+    assert read_checkpoint(latest_checkpoint(run_dir))["images_seen"] == 192
+    out = launch_two_ranks(command).stdout
+    assert "resumed from" in out and "checkpoint-000000000192.pt" in out
+    assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
 def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
