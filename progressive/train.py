@@ -207,6 +207,8 @@ def main(**o) -> None:
         raise click.BadParameter("needs the tensorboard package (pip install tensorboard)",
                                  param_hint="--tensorboard")
     if dry_run:
+        if not _is_main_rank():  # under a launcher, one copy of the table is enough
+            return
         world = int(os.environ.get("WORLD_SIZE", "1"))
         source = (f"{cfg.data} ({meta.count} images, {meta.resolutions[0]}..{meta.max_resolution})"
                   if meta else f"built-in demo ({cfg.demo_count} images, rendered into the run dir)")
