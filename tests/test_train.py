@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -333,3 +334,14 @@ def test_load_generator_gives_the_ema_generator_at_its_stage(reference):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     saved = read_checkpoint(latest_checkpoint(reference))["models"]["generator_ema"]
     assert all(torch.equal(v, saved[k]) for k, v in generator.state_dict().items())
+
+
+@pytest.mark.parametrize("objective", ["vae", "acd", "wake-sleep"])
+def test_every_ablation_trains_through_the_loop(data, tmp_path, objective):
+    run_dir = tmp_path / objective
+    args = [*TINY, "--max-res", "8", "--objective", objective, "--g-steps", "2"]
+    result = run_cli(["--data", data, "--run-dir", str(run_dir), *args])
+    assert result.exit_code == 0, result.output
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert metrics[-1]["images_seen"] == 3 * 64 and (run_dir / "DONE").exists()
+    assert all(np.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
