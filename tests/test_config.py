@@ -49,6 +49,12 @@ def test_resume_rules_network_never_schedule_on_request_runtime_always():
     assert check_resume_compatible(saved, longer, True, "ckpt") == ["seed: 0 -> 1"]
 
     cfg = demo_config()
+    grown = cfg.replace(schedule=type(cfg.schedule)(**(cfg.schedule.to_dict() | {
+        "max_resolution": 32, "batch_per_resolution": {4: 32, 8: 32, 16: 32, 32: 16},
+        "per_gpu_batch_cap": {4: 256, 8: 256, 16: 256, 32: 256}})))
+    with pytest.raises(UserError, match=r"schedule.max_resolution: 16 -> 32"):
+        check_resume_compatible(saved, grown, False, "ckpt")
+    assert "schedule.max_resolution: 16 -> 32" in check_resume_compatible(saved, grown, True, "ckpt")
     wider = cfg.replace(network=type(cfg.network)(**(cfg.network.to_dict() | {"channel_max": 32})))
     with pytest.raises(UserError, match=r"other network shapes.*network.channel_max: 64 -> 32"):
         check_resume_compatible(saved, wider, True, "ckpt")
