@@ -51,7 +51,13 @@ from triangle.progressive.run_dir import (
     truncate_jsonl,
     write_json_atomic,
 )
-from triangle.progressive.schedule import ScheduleState, batch_sizes, schedule, total_images
+from triangle.progressive.schedule import (
+    ScheduleState,
+    batch_sizes,
+    phase_boundaries,
+    schedule,
+    total_images,
+)
 from triangle.progressive.step import (
     NonFiniteLossError,
     TrainModels,
@@ -419,7 +425,7 @@ class _Trainer:
         images = self.images_seen - self.tick_images
         speed = images / max(seconds - self.tick_pause, 1e-9)
         self.elapsed_s += seconds
-        eta = (self.total - self.images_seen) / max(speed, 1e-9)
+        eta = estimate_remaining_s(self.cfg.schedule, self.images_seen, self.stage.resolution, speed)
         global_batch, per_gpu_batch = batch_sizes(self.cfg.schedule, self.stage.resolution, self.world)
         record = {
             "images_seen": self.images_seen, "kimg": self.images_seen / 1000, "step": self.steps,
@@ -583,6 +589,18 @@ class _Trainer:
         if self.cfg.tensorboard:
             self.acc.end_training()
         return summary
+
+
+def estimate_remaining_s(cfg, images_seen: int, resolution: int, speed: float) -> float:
+    """Seconds to the end at ``speed`` images/s at ``resolution``, later phases assumed to cost
+    (their resolution / ``resolution``)^2 times more per image (constant widths; with widths that
+    shrink at high resolutions, as in the paper's configuration, an over-estimate)."""
+    seconds = 0.0
+    for stage, start, end in phase_boundaries(cfg):
+        remaining = min(end, total_images(cfg)) - max(start, images_seen)
+        if remaining > 0:
+            seconds += remaining * (stage.resolution / resolution) ** 2 / max(speed, 1e-9)
+    return seconds
 
 
 def _sampler(dataset, cfg: TrainConfig, rank: int, world: int, images_seen: int):
