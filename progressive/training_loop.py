@@ -184,6 +184,8 @@ class _Trainer:
         if not self.main:
             return
         write_json_atomic(self.run_dir / OPTIONS_FILE, self.cfg.to_dict())
+        if checkpoint_images < self.total:  # e.g. a finished run given a longer schedule
+            (self.run_dir / "DONE").unlink(missing_ok=True)
         for name in ("metrics.jsonl", "stages.jsonl"):  # drop records past the checkpoint
             truncate_jsonl(self.run_dir / name, checkpoint_images)
         if self.cfg.tensorboard:

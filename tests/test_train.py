@@ -289,6 +289,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_p
     assert accepted.exit_code == 0, accepted.output
     assert "config change accepted" in accepted.output
     assert read_checkpoint(latest_checkpoint(run_dir))["images_seen"] == 400
+    assert (run_dir / "DONE").read_text().strip() == "400"
 
 
 def test_rebuilds_leak_neither_models_nor_memory(data, tmp_path):
