@@ -86,6 +86,7 @@ class ObjectiveConfig:
     w_kl: float = 1.0  # on the closed-form KL averaged over latent dims (effective 1/d)
     w_lat: float = 0.1  # on NLL(z | q(x̃)), summed over latent dims
     w_e: float = 1.0  # on −mean f(x̃) in the generator step
+    w_drift: float = 0.0  # on mean f(x)² in the α step (PGGAN's ε_drift; see energy_loss)
     rec_reference_pixels: int = 32 * 32  # the balance rule: R = SSE · this / (H·W)
     fused: bool = True  # share passes between the φ and θ steps (see step.py); False = strict
     generator_steps: int = 1  # θ steps per iteration (paper: "optional multiple-step update")
@@ -145,9 +146,18 @@ def reparameterize(mu: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
 # --- the three step losses (DESIGN §2's table) -----------------------------------------------
 
 
-def energy_loss(f_real: Tensor, f_fake: Tensor) -> Tensor:
-    """α step: mean f(x̃) − mean f(x); minimising it raises f on data, lowers it on samples."""
-    return f_fake.float().mean() - f_real.float().mean()
+def energy_loss(f_real: Tensor, f_fake: Tensor, w_drift: float = 0.0) -> Tensor:
+    """α step: mean f(x̃) − mean f(x) (+ w_drift·mean f(x)²).
+
+    Minimising it raises f on data and lowers it on samples. π_α ∝ exp f is unchanged by a
+    constant added to f, so nothing in D anchors f's level: it can drift far from 0, and its
+    scale grow, until float precision suffers. The optional drift term (PGGAN's ε_drift = 1e-3)
+    anchors it; it is not part of D and is off by default.
+    """
+    loss = f_fake.float().mean() - f_real.float().mean()
+    if w_drift:
+        loss = loss + w_drift * f_real.float().square().mean()
+    return loss
 
 
 def inference_loss(cfg: ObjectiveConfig, rec: Tensor | None, kl: Tensor | None,

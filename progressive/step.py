@@ -155,7 +155,7 @@ class _Runner:
             # α step: mean f(x̃) − mean f(x), no graph through g.
             if t.energy:
                 f_real, f_fake_old = f(torch.cat([x, x_fake.detach()]), a).split(len(x))
-                loss_e = energy_loss(f_real, f_fake_old)
+                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift)
                 self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean()
                                     .detach(), f_fake=f_fake_old.float().mean().detach())
         if t.energy:

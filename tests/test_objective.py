@@ -11,6 +11,7 @@ from triangle.networks import NetworkConfig, Stage, build_network, frozen
 from triangle.progressive.objective import (
     TERMS,
     ObjectiveConfig,
+    energy_loss,
     gaussian_kl_to_standard,
     gaussian_nll,
     generator_loss,
@@ -285,3 +286,10 @@ def test_config_round_trips_and_rejects_unknown_variants():
         ObjectiveConfig(kind="gan")
     assert not dataclasses.replace(cfg, kind="vae").uses_energy
     assert math.isclose(cfg.rec_scale(64), 0.25)
+
+
+def test_drift_term_anchors_f_on_data_and_is_off_by_default():
+    f_real, f_fake = torch.tensor([3.0, 5.0]), torch.tensor([1.0, -1.0])
+    assert energy_loss(f_real, f_fake) == -4.0
+    assert energy_loss(f_real, f_fake, w_drift=0.1) == pytest.approx(-4.0 + 0.1 * 17.0)
+    assert ObjectiveConfig().w_drift == 0.0
