@@ -106,10 +106,20 @@ class _Runner:
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
 
+    def check(self, name: str, loss: Tensor) -> None:
+        """Raise NonFiniteLossError on every rank if ``loss`` is not finite on any rank.
+
+        Every rank must stop together: a rank that stopped alone would leave the others
+        waiting in the next all-reduce until the timeout."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.acc is not None and self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="max")
+        if bool(bad.item()):
+            raise NonFiniteLossError(name, float(loss.detach()))
+
     def apply(self, name: str, loss: Tensor, *names: str) -> None:
         """Check ``loss``, backpropagate it and step the optimisers of ``names``."""
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(name, float(loss.detach()))
+        self.check(name, loss)
         for n in names:
             getattr(self.opt, n).zero_grad(set_to_none=True)
         if self.acc is not None:
@@ -189,8 +199,7 @@ class _Runner:
             loss_theta = generator_loss(cfg, rec, f_fake, lat_nll)
             shared = _shared_loss(cfg, rec, kl, lat_nll, f_fake)
         self._record(x, rec, rec_scale, kl, lat_nll, loss_phi, loss_theta)
-        if not torch.isfinite(loss_phi):
-            raise NonFiniteLossError("inference", float(loss_phi.detach()))
+        self.check("inference", loss_phi)
         self.apply("generator", shared, "generator", "inference")
 
     def strict_phi(self, x, z, x_fake, z_rec, mu, logvar, rec_scale) -> None:

@@ -100,7 +100,7 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
         "per_gpu_batch_cap": _table(s.per_gpu_batch_cap, parse_table(o["gpu_batch_cap"], "--gpu-batch-cap"), max_res),
     }))
     objective_cfg = ObjectiveConfig(**(base.objective.to_dict() | _given(
-        w_rec=o["w_rec"], w_kl=o["w_kl"], w_lat=o["w_lat"], w_e=o["w_e"],
+        w_rec=o["w_rec"], w_kl=o["w_kl"], w_lat=o["w_lat"], w_e=o["w_e"], w_drift=o["w_drift"],
         generator_steps=o["g_steps"], grad_clip=o["grad_clip"], fused=o["fused"]) | {"kind": objective}))
     cfg = base.replace(
         network=network, schedule=schedule_cfg, objective=objective_cfg, data=data,
@@ -146,6 +146,7 @@ OPTIONS = [
     click.option("--w-kl", type=float, help=f"Weight of the KL term (averaged over latent dims)  [default: {_default('objective.w_kl')}]"),
     click.option("--w-lat", type=float, help=f"Weight of the latent NLL term  [default: {_default('objective.w_lat')}]"),
     click.option("--w-e", type=float, help=f"Weight of the energy term in the generator loss  [default: {_default('objective.w_e')}]"),
+    click.option("--w-drift", type=float, help=f"Weight of mean f(data)^2 in the energy step (PGGAN's drift; off = 0)  [default: {_default('objective.w_drift')}]"),
     click.option("--g-steps", type=int, help=f"θ (generator) steps per iteration  [default: {_default('objective.generator_steps')}]"),
     click.option("--grad-clip", type=float, help=f"Gradient-norm clip of each network, 0 = off  [default: {_default('objective.grad_clip')}]"),
     click.option("--fused/--strict", default=None, help="Share passes between the φ and θ steps, or Algorithm 1's strict order  [default: fused]"),
