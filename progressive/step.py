@@ -83,7 +83,8 @@ class TriangleStep:
     def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
                  z: Tensor, fade_alpha: float, accelerator: Any = None) -> dict[str, Tensor]:
         run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator)
-        return run.iteration(x_real, z)
+        # The networks run channels-last (networks/layers.py); so should their input.
+        return run.iteration(x_real.contiguous(memory_format=torch.channels_last), z)
 
 
 class _Runner:

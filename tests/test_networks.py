@@ -198,8 +198,9 @@ def test_a_sample_does_not_depend_on_the_rest_of_its_batch(kind, stage):
     other[0] = x[0]
     with torch.no_grad():
         batch, alone, mixed = (flat(net(v, 0.7)) for v in (x, x[:1], other))
-    torch.testing.assert_close(batch[0], alone[0])
-    torch.testing.assert_close(batch[0], mixed[0])
+    # oneDNN picks its conv algorithm by batch size: results agree to rounding, not bits.
+    torch.testing.assert_close(batch[0], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batch[0], mixed[0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(batch[1], mixed[1])
 
 
