@@ -109,7 +109,7 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
               show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch", default=None, type=int, help="Batch size [the schedule's, per GPU].")
 @click.option("--channel-max", default=None, type=int,
-              help="Network width cap [512 on GPU (the default config), 128 on CPU].")
+              help="Network width cap [512 on GPU (the default config), 256 on CPU].")
 @click.option("--latent-dim", default=512, show_default=True)
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
 @click.option("--strict/--no-strict", default=True, show_default=True,
@@ -118,7 +118,7 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, strict, seconds):
     dev = torch.device(device)
     max_res = max_res or (1024 if dev.type == "cuda" else 64)
-    channel_max = channel_max or (512 if dev.type == "cuda" else 128)
+    channel_max = channel_max or (512 if dev.type == "cuda" else 256)
     net = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max)
     schedule_cfg = ScheduleConfig(max_resolution=max_res)
     matmul, conv = machine_peak(dev, seconds)
