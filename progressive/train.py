@@ -170,6 +170,7 @@ OPTIONS = [
     click.option("--dry-run", is_flag=True, help="Print the configuration and the stage table, then exit"),
     # Hidden test hooks (not part of the run's configuration).
     click.option("--debug-nan-at-kimg", type=float, hidden=True),
+    click.option("--debug-nan-rank", type=int, hidden=True),
     click.option("--debug-checkpoint-write-delay", type=float, default=0.0, hidden=True),
     click.option("--debug-step-delay", type=float, default=0.0, hidden=True),
     click.option("--debug-stop-at-kimg", type=float, hidden=True),
@@ -195,7 +196,7 @@ def main(**o) -> None:
     command resumes from the run directory's latest checkpoint. Multi-GPU and multi-node: start
     it with `accelerate launch` (see the README).
     """
-    debug = DebugOptions(nan_at_kimg=o.pop("debug_nan_at_kimg"),
+    debug = DebugOptions(nan_at_kimg=o.pop("debug_nan_at_kimg"), nan_rank=o.pop("debug_nan_rank"),
                          checkpoint_write_delay_s=o.pop("debug_checkpoint_write_delay"),
                          step_delay_s=o.pop("debug_step_delay"),
                          stop_at_kimg=o.pop("debug_stop_at_kimg"))

@@ -74,6 +74,7 @@ class DebugOptions:
     """Hooks for tests (hidden command-line options); none of them is part of the run's config."""
 
     nan_at_kimg: float | None = None  # put a NaN into the real batch once this many kimg are seen
+    nan_rank: int | None = None  # ... on this rank only (None: every rank)
     checkpoint_write_delay_s: float = 0.0  # pause halfway through each checkpoint write
     step_delay_s: float = 0.0  # sleep after every step (to land a kill at a chosen moment)
     stop_at_kimg: float | None = None  # leave the loop (as if killed, no final checkpoint)
@@ -538,7 +539,8 @@ class _Trainer:
         if st.fading:
             x = fade_images(x, st.fade_alpha)
         if (self.debug.nan_at_kimg is not None and not self.nan_injected
-                and self.images_seen >= self.debug.nan_at_kimg * 1000):
+                and self.images_seen >= self.debug.nan_at_kimg * 1000
+                and self.debug.nan_rank in (None, self.acc.process_index)):
             self.nan_injected = True
             x = x * float("nan")
         z = torch.randn(st.per_gpu_batch, cfg.network.latent_dim, generator=self.latents)
