@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The device check for a lent GPU (one run, ~8 minutes on an H100): copy its output into
+# bench/RESULTS.md with the card named.  Usage: bash bench/gpu.sh [OUT_DIR]
+#   1. one α+φ+θ iteration at 256², 512², 1024² with the default widths, bf16 against fp32
+#      (images/s, fraction of peak, peak memory);
+#   2. a multi-stage smoke run of the real training loop (4 -> 64, bf16), its bench/loop.py table.
+# On the device machine lmdb and clean-fid are missing: carry their wheels (see the device
+# tool's README) and install them before running this.
+set -euo pipefail
+out=${1:-${OUT:-/tmp}}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+for precision in bf16 fp32; do
+  python bench/step.py --device cuda --min-res 256 --max-res 1024 --precision "$precision" \
+    --seconds 3 --no-strict 2>&1 | tee "$out/step-$precision.txt"
+done
+python bench/loop.py --max-res 64 --fade-kimg 2 --stable-kimg 2 --precision bf16 --latent-dim 512 \
+  --channel-base 16384 --channel-max 512 2>&1 | tail -n 12 | tee "$out/loop-bf16.txt"
