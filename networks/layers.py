@@ -30,7 +30,9 @@ class _Weighted(nn.Module):
         # whole network runs without layout reorders (1.3x per iteration at 32² on CPU,
         # bench/step.py). Values and state_dict keys are the same as with NCHW weights.
         memory_format = torch.channels_last if len(shape) == 4 else torch.contiguous_format
-        self.weight = nn.Parameter(torch.empty(shape).contiguous(memory_format=memory_format))
+        # torch.empty(memory_format=...) gives 1x1 kernels the canonical channels-last strides,
+        # which their gradients have too (DDP warns and copies when the two differ).
+        self.weight = nn.Parameter(torch.empty(shape, memory_format=memory_format))
         self.bias = nn.Parameter(torch.zeros(shape[0]))
         if cfg.init == "equalized":
             nn.init.normal_(self.weight, 0.0, 1.0)
