@@ -1,9 +1,9 @@
-"""Every network of a checkpoint, read once: what evaluation tools need beyond the generator.
+"""The networks of a checkpoint, read once, for the evaluation tools.
 
-``triangle.progressive.checkpoint.load_generator`` returns the generator alone; reconstruction
-and latent walks from real images also need the inference model q_φ, and the FID log needs the
-images seen. Reading a 1024² checkpoint twice would cost seconds, so this loader reads the file
-once and builds what is asked for.
+Sampling needs the (EMA) generator; reconstruction and latent walks from real images also
+need the inference model q_φ, and the FID log needs the images seen. Reading a 1024²
+checkpoint twice would cost seconds, so this loader reads the file once and builds what is
+asked for.
 """
 
 from __future__ import annotations
@@ -71,13 +71,7 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """The generator (EMA by default, ``ema=False``: raw) and optionally q_φ of a checkpoint."""
     path = resolve_checkpoint(checkpoint_or_run_dir)
-    try:
-        payload = read_checkpoint(path)
-    except CheckpointError as exc:  # torch.load's own message spans a dozen lines
-        if exc.__cause__ is None:
-            raise
-        raise CheckpointError(f"{path} is not a checkpoint written by progressive/train.py "
-                              f"({type(exc.__cause__).__name__})") from exc
+    payload = read_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(payload["config"])
         stage = Stage(**payload["stage"])

@@ -116,8 +116,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load one checkpoint file, checking its format; raises CheckpointError with one line."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign file; torch's message spans many lines
+        raise CheckpointError(f"{path} is not a checkpoint written by progressive/train.py "
+                              f"({type(exc).__name__}); pass a run directory or a checkpoint-*.pt") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint of format version {FORMAT_VERSION}")
     return payload
@@ -165,35 +166,3 @@ def restore_rng(state: dict[str, Any], latent_generator: torch.Generator) -> Non
     latent_generator.set_state(state["latent"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The public loader for tools (sampling, interpolation, FID).
-
-
-def load_generator(
-    checkpoint_or_run_dir: str | os.PathLike,
-    ema: bool = True,
-    device: str | torch.device = "cpu",
-):
-    """``(generator, TrainConfig, fade_alpha)`` from a checkpoint file or a run's latest one.
-
-    The generator is built at the checkpoint's stage, in eval mode on ``device``; call it as
-    ``generator(z, fade_alpha)`` with ``z`` of shape ``B x config.network.latent_dim``.
-    ``ema=False`` returns the raw (non-averaged) generator.
-    """
-    from triangle.networks import Stage, build_network
-    from triangle.progressive.config import TrainConfig
-
-    path = Path(checkpoint_or_run_dir)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path}")
-        path = found
-    payload = read_checkpoint(path)
-    cfg = TrainConfig.from_dict(payload["config"])
-    stage = Stage(**payload["stage"])
-    generator = build_network("generator", cfg.network, stage)
-    generator.load_state_dict(payload["models"]["generator_ema" if ema else "generator"])
-    return generator.to(device).eval().requires_grad_(False), cfg, float(payload["fade_alpha"])

@@ -59,7 +59,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pa
     # What the killed process left was a truncated file: unreadable, as a one-line error.
     bad = tmp_path / "checkpoint-000000000300.pt"
     bad.write_bytes(before[: len(before) // 2])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint written by progressive/train.py"):
         read_checkpoint(bad)
 
 

@@ -339,13 +339,14 @@ def test_rebuilds_leak_neither_models_nor_memory(data, tmp_path):
     assert rss[-1] - rss[1] < 8 * 2**20, [r / 2**20 for r in rss]
 
 
-def test_load_generator_gives_the_ema_generator_at_its_stage(reference):
-    from triangle.progressive.checkpoint import load_generator
+def test_the_tools_loader_gives_the_ema_generator_at_its_stage(reference):
+    from triangle.metrics.checkpoint_models import load_checkpoint
 
-    generator, cfg, alpha = load_generator(reference, ema=True)
+    loaded = load_checkpoint(reference, ema=True)
+    generator, alpha = loaded.generator, loaded.fade_alpha
     assert generator.stage == Stage(16, False) and alpha == 1.0
-    assert cfg.network.latent_dim == 8 and not generator.training
-    images = generator(torch.randn(2, cfg.network.latent_dim), alpha)
+    assert loaded.latent_dim == 8 and not generator.training
+    images = generator(torch.randn(2, loaded.latent_dim), alpha)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     saved = read_checkpoint(latest_checkpoint(reference))["models"]["generator_ema"]
     assert all(torch.equal(v, saved[k]) for k, v in generator.state_dict().items())
