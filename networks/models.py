@@ -43,7 +43,7 @@ def _act(x: Tensor, cfg: NetworkConfig) -> Tensor:
 
 
 class _GeneratorHead(nn.Module):
-    """z -> pixel norm -> dense to 4x4xC -> conv3x3, each followed by LeakyReLU and pixel norm."""
+    """z -> pixel norm (``cfg.normalize_latent``) -> dense to 4x4xC -> conv3x3, each followed by LeakyReLU and pixel norm."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -54,7 +54,9 @@ class _GeneratorHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         eps = self.cfg.pixel_norm_eps
-        h = self.dense(pixel_norm(z, eps)).view(z.shape[0], -1, 4, 4)
+        if self.cfg.normalize_latent:
+            z = pixel_norm(z, eps)
+        h = self.dense(z).view(z.shape[0], -1, 4, 4)
         h = pixel_norm(_act(h, self.cfg), eps)
         return pixel_norm(_act(self.conv(h), self.cfg), eps)
 
@@ -199,7 +201,7 @@ class Inference(Encoder):
 
     The logvar half of the output layer starts at zero weight (and zero bias), so log σ² starts
     at exactly 0 (σ = 1, the prior's) for every image and learns at the layer's usual rate.
-    logvar is clamped to ``[cfg.logvar_min, cfg.logvar_max]`` (default [-30, 20]) so that
+    logvar is clamped to ``[cfg.logvar_min, cfg.logvar_max]`` (default [-14, 20]) so that
     ``exp(logvar)`` and ``exp(-logvar)`` in the KL and the NLL stay finite in fp32 and bf16;
     outside that range the gradient to logvar is zero, a range training never reaches.
     """

@@ -23,8 +23,9 @@ step                  loss (the part of D, or −D for α, that depends on its p
   likelihood term keeps the weight it has at 32×32. ``tests/test_objective.py`` checks that,
   at initialisation, R relative to the energy term stays within a fixed factor at every
   resolution 4…1024.
-* ``KL`` is the closed form of KL(N(μ, σ²) ‖ N(0, I)), averaged over the latent dimensions as
-  in the reference code (an effective weight w_kl/d on the summed KL).
+* ``KL`` is the closed form of KL(N(μ, σ²) ‖ N(0, I)), summed over the latent dimensions
+  (``kl_reduction='sum'``, the term of D) or averaged over them as in the reference code
+  (``'mean'``: an effective weight w_kl/d on the summed KL).
 * ``NLL`` is the diagonal Gaussian negative log density of z under q_φ(·|x̃), summed over the
   latent dimensions: the φ- and θ-parts of KL(P‖Π) (the entropy of p_θ(x|z) is constant).
 
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor
 
 LOG_2PI = math.log(2 * math.pi)
+KL_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,24 @@ class ObjectiveConfig:
 
     kind: str = "triangle"  # triangle | vae | acd | wake-sleep (paper §3.2 ablations)
     w_rec: float = 1.0  # on R, the per-image SSE rescaled to rec_reference_pixels
-    w_kl: float = 1.0  # on the closed-form KL averaged over latent dims (effective 1/d)
     w_lat: float = 0.1  # on NLL(z | q(x̃)), summed over latent dims
     w_e: float = 1.0  # on −mean f(x̃) in the generator step
     w_drift: float = 0.0  # on mean f(x)² in the α step (PGGAN's ε_drift; see energy_loss)
+    # The KL summed over latent dims, at w_kl = 0.25: a weight that does not depend on the
+    # latent size d. The reference code averages it over d (w_kl/d on the sum: 1/512 at the
+    # paper's 1024² latent), which leaves posterior means in a narrow cone (mean cosine 0.75,
+    # norm 17) that prior samples miss, so samples are blobs while reconstructions are sharp.
+    # Measured on the demo at 16² (bench/quality.py): 'kl-mean' and 'kl-sum' (w 1, blurry
+    # reconstructions) both score worse than 0.25; see the README's study table.
+    kl_reduction: str = "sum"  # 'sum' over latent dims (D's own KL) or 'mean' (reference code)
+    w_kl: float = 0.25  # on the KL term (reference code: 1 with kl_reduction='mean')
+    # Anchors f's level, which D leaves free (energy_loss): without it f drifted to ±30…100 in
+    # the demo; 0.01 holds it within a few units and changes no measured quality.
+    w_level: float = 0.01  # on ((mean f(x) + mean f(x̃))/2)² in the α step (see energy_loss)
+    # R1 on the energy: without it an energy trained as fast as the generator collapses the
+    # samples on photographs; at 1 its gradient is too smooth to pull samples (12x smaller
+    # generator gradient than R's); 0.1 keeps both (bench/quality.py variants r1-*).
+    w_r1: float = 0.1  # R1: w_r1/2 · mean |∇ₓf(x)|² on data in the α step (see energy_loss)
     rec_reference_pixels: int = 32 * 32  # the balance rule: R = SSE · this / (H·W)
     fused: bool = True  # share passes between the φ and θ steps (see step.py); False = strict
     generator_steps: int = 1  # θ steps per iteration (paper: "optional multiple-step update")
@@ -97,6 +113,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective kind must be one of {sorted(TERMS)}, got {self.kind!r}")
         if self.generator_steps < 1:
             raise ValueError("generator_steps must be >= 1")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if min(self.w_drift, self.w_level, self.w_r1) < 0:
+            raise ValueError("w_drift, w_level and w_r1 must be >= 0")
 
     @property
     def terms(self) -> Terms:
@@ -146,24 +166,38 @@ def reparameterize(mu: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
 # --- the three step losses (DESIGN §2's table) -----------------------------------------------
 
 
-def energy_loss(f_real: Tensor, f_fake: Tensor, w_drift: float = 0.0) -> Tensor:
-    """α step: mean f(x̃) − mean f(x) (+ w_drift·mean f(x)²).
+def energy_loss(f_real: Tensor, f_fake: Tensor, w_drift: float = 0.0, w_level: float = 0.0,
+                r1_penalty: Tensor | None = None, w_r1: float = 0.0) -> Tensor:
+    """α step: mean f(x̃) − mean f(x), plus optional terms that are not part of D.
 
-    Minimising it raises f on data and lowers it on samples. π_α ∝ exp f is unchanged by a
-    constant added to f, so nothing in D anchors f's level: it can drift far from 0, and its
-    scale grow, until float precision suffers. The optional drift term (PGGAN's ε_drift = 1e-3)
-    anchors it; it is not part of D and is off by default.
+    Minimising the first part raises f on data and lowers it on samples. π_α ∝ exp f is unchanged
+    by a constant added to f, so nothing in D anchors f's level: it can drift far from 0 until
+    float precision suffers (at |f| ≈ 100 bf16 rounds to 0.5). Two anchors:
+
+    * ``w_level``·((mean f(x) + mean f(x̃))/2)²: pins the midpoint of the two levels to 0 and
+      leaves their gap, the only thing D sees, free;
+    * ``w_drift``·mean f(x)² (PGGAN's ε_drift = 1e-3): pulls f(data) itself to 0, which also
+      shrinks the gap.
+
+    ``r1_penalty`` (B, |∇ₓf(x)|² per real image) with ``w_r1``: the R1 regulariser
+    (Mescheder et al. 2018), w_r1/2 · mean |∇ₓf(x)|², which keeps f smooth around the data so
+    that its gradient to the generator stays informative.
     """
-    loss = f_fake.float().mean() - f_real.float().mean()
+    f_real, f_fake = f_real.float(), f_fake.float()
+    loss = f_fake.mean() - f_real.mean()
     if w_drift:
-        loss = loss + w_drift * f_real.float().square().mean()
+        loss = loss + w_drift * f_real.square().mean()
+    if w_level:
+        loss = loss + w_level * (0.5 * (f_real.mean() + f_fake.mean())).square()
+    if w_r1 and r1_penalty is not None:
+        loss = loss + 0.5 * w_r1 * r1_penalty.float().mean()
     return loss
 
 
 def inference_loss(cfg: ObjectiveConfig, rec: Tensor | None, kl: Tensor | None,
                    lat_nll: Tensor | None) -> Tensor:
-    """φ step: w_rec·R + w_kl·KL/d + w_lat·NLL, batch means; ``None`` for a term the variant
-    omits. ``rec`` is R already rescaled by the balance rule (B); ``kl`` is ``kl_per_dim`` (B);
+    """φ step: w_rec·R + w_kl·KL + w_lat·NLL, batch means; ``None`` for a term the variant
+    omits. ``rec`` is R already rescaled by the balance rule (B); ``kl`` is ``kl_term`` (B);
     ``lat_nll`` is ``gaussian_nll`` of the prior z under q(·|x̃) (B)."""
     loss = torch.zeros((), device=_device(rec, kl, lat_nll))
     t = cfg.terms
@@ -190,9 +224,11 @@ def generator_loss(cfg: ObjectiveConfig, rec: Tensor | None, f_fake: Tensor | No
     return loss
 
 
-def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
-    """The KL term as the reference code weights it: summed KL / d. B×d -> B."""
-    return gaussian_kl_to_standard(mu, logvar) / mu.shape[1]
+def kl_term(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
+    """The KL term: KL(q ‖ N(0, I)) summed over dims ('sum') or divided by d ('mean',
+    the reference code's weighting). B×d -> B."""
+    kl = gaussian_kl_to_standard(mu, logvar)
+    return kl / mu.shape[1] if reduction == "mean" else kl
 
 
 def _device(*tensors: Tensor | None) -> torch.device:

@@ -41,7 +41,7 @@ from triangle.progressive.objective import (
     gaussian_nll,
     generator_loss,
     inference_loss,
-    kl_per_dim,
+    kl_term,
     reparameterize,
     sum_squared_error,
 )
@@ -165,8 +165,15 @@ class _Runner:
 
             # α step: mean f(x̃) − mean f(x), no graph through g.
             if t.energy:
-                f_real, f_fake_old = f(torch.cat([x, x_fake.detach()]), a).split(len(x))
-                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift)
+                # R1 needs ∇ₓf(x): a leaf copy of x, so that x itself stays a constant below.
+                x_e = x.detach().requires_grad_(True) if cfg.w_r1 else x
+                f_real, f_fake_old = f(torch.cat([x_e, x_fake.detach()]), a).split(len(x))
+                r1 = None
+                if cfg.w_r1:
+                    (grad,) = torch.autograd.grad(f_real.float().sum(), x_e, create_graph=True)
+                    r1 = grad.float().square().flatten(1).sum(1)
+                    self.metrics["r1"] = r1.detach().mean()
+                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift, cfg.w_level, r1, cfg.w_r1)
                 self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean()
                                     .detach(), f_fake=f_fake_old.float().mean().detach())
         if t.energy:
@@ -186,7 +193,7 @@ class _Runner:
         cfg, t, a = self.cfg, self.terms, self.a
         with self.autocast():
             rec = sum_squared_error(x, x_rec) * rec_scale if x_rec is not None else None
-            kl = kl_per_dim(mu, logvar) if t.inference_kl else None
+            kl = kl_term(mu, logvar, cfg.kl_reduction) if t.inference_kl else None
             lat_nll = None
             if t.uses_latent_nll:
                 q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
@@ -212,7 +219,7 @@ class _Runner:
                 with frozen(self.raw.generator):
                     rec = sum_squared_error(x, self.raw.generator(z_rec, a)) * rec_scale
             if t.inference_kl:
-                kl = kl_per_dim(mu, logvar)
+                kl = kl_term(mu, logvar, cfg.kl_reduction)
             if t.inference_lat:
                 q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
                 lat_nll = gaussian_nll(z, *q_fake(x_fake.detach(), a))

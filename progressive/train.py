@@ -89,7 +89,8 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
         max_res = o["max_res"] or DEMO.max_resolution
     objective = o["objective"] or base.objective.kind
     network = NetworkConfig(**(base.network.to_dict() | _given(
-        latent_dim=o["latent_dim"], channel_base=o["channel_base"], channel_max=o["channel_max"])))
+        latent_dim=o["latent_dim"], channel_base=o["channel_base"], channel_max=o["channel_max"],
+        logvar_min=o["logvar_min"], normalize_latent=o["normalize_latent"])))
     s = base.schedule
     schedule_cfg = ScheduleConfig(**(s.to_dict() | _given(
         fade_kimg=o["fade_kimg"], stable_kimg=o["stable_kimg"], total_kimg=o["total_kimg"],
@@ -101,6 +102,7 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
     }))
     objective_cfg = ObjectiveConfig(**(base.objective.to_dict() | _given(
         w_rec=o["w_rec"], w_kl=o["w_kl"], w_lat=o["w_lat"], w_e=o["w_e"], w_drift=o["w_drift"],
+        kl_reduction=o["kl_reduction"], w_level=o["w_level"], w_r1=o["w_r1"],
         generator_steps=o["g_steps"], grad_clip=o["grad_clip"], fused=o["fused"]) | {"kind": objective}))
     cfg = base.replace(
         network=network, schedule=schedule_cfg, objective=objective_cfg, data=data,
@@ -143,16 +145,21 @@ OPTIONS = [
     click.option("--lr-decay-kimg", type=float, help=f"Thousands of images between learning-rate decays  [default: {_default('schedule.lr_decay_kimg')}]"),
     click.option("--objective", type=click.Choice(sorted(TERMS)), help="The triangle or one of its ablations (paper §3.2)  [default: triangle]"),
     click.option("--w-rec", type=float, help=f"Weight of the reconstruction term  [default: {_default('objective.w_rec')}]"),
-    click.option("--w-kl", type=float, help=f"Weight of the KL term (averaged over latent dims)  [default: {_default('objective.w_kl')}]"),
+    click.option("--w-kl", type=float, help=f"Weight of the KL term  [default: {_default('objective.w_kl')}]"),
+    click.option("--kl-reduction", type=click.Choice(["sum", "mean"]), help=f"KL summed over latent dims (D's own) or averaged (the reference code's)  [default: {_default('objective.kl_reduction')}]"),
     click.option("--w-lat", type=float, help=f"Weight of the latent NLL term  [default: {_default('objective.w_lat')}]"),
     click.option("--w-e", type=float, help=f"Weight of the energy term in the generator loss  [default: {_default('objective.w_e')}]"),
     click.option("--w-drift", type=float, help=f"Weight of mean f(data)^2 in the energy step (PGGAN's drift; off = 0)  [default: {_default('objective.w_drift')}]"),
+    click.option("--w-level", type=float, help=f"Weight of ((mean f(data) + mean f(samples))/2)^2 in the energy step: anchors f's level (off = 0)  [default: {_default('objective.w_level')}]"),
+    click.option("--w-r1", type=float, help=f"R1 penalty w/2·|grad_x f(data)|^2 in the energy step (off = 0)  [default: {_default('objective.w_r1')}]"),
     click.option("--g-steps", type=int, help=f"θ (generator) steps per iteration  [default: {_default('objective.generator_steps')}]"),
     click.option("--grad-clip", type=float, help=f"Gradient-norm clip of each network, 0 = off  [default: {_default('objective.grad_clip')}]"),
     click.option("--fused/--strict", default=None, help="Share passes between the φ and θ steps, or Algorithm 1's strict order  [default: fused]"),
     click.option("--latent-dim", type=int, help=f"Latent size  [default: {_default('network.latent_dim')}]"),
     click.option("--channel-base", type=int, help=f"channels(res) = min(channel_base // res, channel_max)  [default: {_default('network.channel_base')}]"),
     click.option("--channel-max", type=int, help=f"Widest layer  [default: {_default('network.channel_max')}]"),
+    click.option("--logvar-min", type=float, help=f"Floor of the inference model's log variance  [default: {_default('network.logvar_min')}]"),
+    click.option("--normalize-latent/--no-normalize-latent", default=None, help="Pixel-normalise z at the generator's input (PGGAN)  [default: on]"),
     click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), help=f"Mixed precision (bf16 recommended on GPUs; overrides the launcher's)  [default: {_default('mixed_precision')}]"),
     click.option("--ema-kimg", type=float, help=f"Half-life of the generator's EMA in kimg  [default: {_default('ema_kimg')}]"),
     click.option("--moments", type=click.Choice(["reset", "carry"]), help=f"Adam moments at a stage rebuild: reset (PGGAN) or carry by name  [default: {_default('adam_moments')}]"),

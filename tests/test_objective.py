@@ -16,7 +16,7 @@ from triangle.progressive.objective import (
     gaussian_nll,
     generator_loss,
     inference_loss,
-    kl_per_dim,
+    kl_term,
     sum_squared_error,
 )
 from triangle.progressive.step import (
@@ -65,7 +65,7 @@ def test_closed_form_kl_equals_a_monte_carlo_estimate():
     log_p = -gaussian_nll(z.reshape(-1, 5), torch.zeros(1, 5), torch.zeros(1, 5))
     mc = (log_q - log_p).reshape(200_000, 3).mean(0)
     torch.testing.assert_close(mc, gaussian_kl_to_standard(mu, logvar), atol=0.02, rtol=0.01)
-    assert torch.allclose(kl_per_dim(mu, logvar) * 5, gaussian_kl_to_standard(mu, logvar))
+    assert torch.allclose(kl_term(mu, logvar, 'mean') * 5, gaussian_kl_to_standard(mu, logvar))
 
 
 def test_nll_is_the_gaussian_negative_log_density():
@@ -171,7 +171,7 @@ def test_fused_phi_theta_gradients_equal_the_separate_losses(kind):
         if mu is not None:
             zr = z_rec if t.inference_rec else z_rec.detach()
             rec = sum_squared_error(x, g(zr, a)) * cfg.rec_scale(8)
-        kl = kl_per_dim(mu, logvar) if t.inference_kl else None
+        kl = kl_term(mu, logvar, cfg.kl_reduction) if t.inference_kl else None
         x_in = x_fake.detach() if detach_for_phi else x_fake
         nll = gaussian_nll(z, *q(x_in, a)) if t.uses_latent_nll else None
         f_fake = f(x_fake, a) if t.generator_energy else None
@@ -293,3 +293,44 @@ def test_drift_term_anchors_f_on_data_and_is_off_by_default():
     assert energy_loss(f_real, f_fake) == -4.0
     assert energy_loss(f_real, f_fake, w_drift=0.1) == pytest.approx(-4.0 + 0.1 * 17.0)
     assert ObjectiveConfig().w_drift == 0.0
+
+
+def test_level_anchor_and_r1_terms_of_the_energy_loss():
+    f_real, f_fake = torch.tensor([3.0, 5.0]), torch.tensor([1.0, -1.0])
+    # midpoint of the two means: (4 + 0) / 2 = 2
+    assert energy_loss(f_real, f_fake, w_level=0.5) == pytest.approx(-4.0 + 0.5 * 4.0)
+    r1 = torch.tensor([2.0, 4.0])
+    assert energy_loss(f_real, f_fake, r1_penalty=r1, w_r1=0.1) == pytest.approx(-4.0 + 0.05 * 3.0)
+    with pytest.raises(ValueError):
+        ObjectiveConfig(w_r1=-1.0)
+
+
+def test_r1_penalty_is_the_squared_input_gradient_of_f_on_data():
+    """The α step's logged r1 equals |∇ₓf(x)|² computed by hand, per image, batch mean."""
+    models, opts = make(stage=Stage(4, False))
+    x = torch.rand(6, 3, 4, 4) * 2 - 1
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(models.energy(xg).sum(), xg)
+    expected = grad.square().flatten(1).sum(1).mean()
+    metrics = TriangleStep(ObjectiveConfig(w_r1=0.1))(models, opts, x, torch.randn(6, NET.latent_dim), 1.0)
+    assert float(metrics["r1"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def _midpoint_drift(w_level: float) -> float:
+    """Largest |(mean f(data) + mean f(samples))/2| over the second half of 200 steps at 4x4."""
+    models, opts = make(stage=Stage(4, False), lr=3e-3)
+    train = torch.nn.functional.avg_pool2d(toy_images(1024, 10), 2)
+    step = TriangleStep(ObjectiveConfig(w_level=w_level))
+    gen = torch.Generator().manual_seed(0)
+    midpoints = []
+    for _ in range(200):
+        idx = torch.randint(0, len(train), (32,), generator=gen)
+        m = step(models, opts, train[idx], torch.randn(32, NET.latent_dim, generator=gen), 1.0)
+        midpoints.append(abs(float(m["f_real"] + m["f_fake"]) / 2))
+    return max(midpoints[100:])
+
+
+def test_level_anchor_keeps_f_near_zero_where_it_drifts_without():
+    """D is blind to f + c, so f's level wanders; the anchor holds it within ±10 here."""
+    assert _midpoint_drift(0.0) > 30
+    assert _midpoint_drift(0.1) < 10
