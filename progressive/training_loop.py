@@ -36,9 +36,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from triangle.datasets import MultiResolutionDataset, read_metadata, write_demo_lmdb
+from triangle.metrics.demo_features import DemoQuality, DemoReference, load_demo_features
 from triangle.networks import Stage, build_network, fade_images, rebuild_network
 from triangle.progressive import checkpoint as ckpt
 from triangle.progressive.config import TrainConfig, UserError, check_resume_compatible
+from triangle.progressive.diagnostics import energy_diagnostics, latent_diagnostics
 from triangle.progressive.ema import copy_missing, ema_beta, update_ema
 from triangle.progressive.grids import generate, interleave_rows, reconstruct, save_images
 from triangle.progressive.run_dir import (
@@ -67,6 +69,7 @@ from triangle.progressive.step import (
 
 KINDS = ("generator", "energy", "inference")
 DEMO_DATA = "demo.lmdb"  # the demo dataset's folder inside the run directory
+EVAL_IMAGES = 512  # held-out images and fixed-z samples behind the per-tick diagnostics
 
 
 @dataclass(frozen=True)
@@ -407,11 +410,46 @@ class _Trainer:
             # The newest of each in the run directory itself, for a quick look.
             shutil.copyfile(folder / f"{tag}-{kind}.png", self.run_dir / f"latest-{kind}.png")
 
-    def _held_out_batch(self, alpha: float) -> torch.Tensor:
+    def _held_out_batch(self, alpha: float, items=None) -> torch.Tensor:
         r = self.stage.resolution
-        x = torch.stack([self.held_out.image(i, r, as_float=True) for i in self.held_out_items])
+        items = self.held_out_items if items is None else items
+        x = torch.stack([self.held_out.image(i, r, as_float=True) for i in items])
         x = x.to(self.device)
         return fade_images(x, alpha) if self.stage.fading else x
+
+    def _diagnose(self) -> dict:
+        """Latent and energy diagnostics (progressive/diagnostics.py) on held-out images and
+        fixed-z EMA samples; main process only."""
+        if self.held_out is None:
+            return {}
+        gen, energy, inf = self._raw()
+        alpha = self._fade_alpha_of_networks()
+        modes = [m.training for m in (energy, inf)]
+        energy.eval(), inf.eval()
+        x = self._held_out_batch(alpha, self.eval_items)
+        mu = torch.cat([inf(c, alpha)[0] for c in x.split(256)])
+        samples = generate(self.ema, self.eval_z, alpha)
+        out = latent_diagnostics(mu)
+        if self.cfg.objective.terms.energy:
+            out |= energy_diagnostics(energy, x, samples, alpha, seed=self.cfg.seed)
+        energy.train(modes[0]), inf.train(modes[1])
+        if self.demo_features is not None:
+            self.sample_quality = self._demo_reference().score(samples)
+            q = self.sample_quality
+            out |= {"demo_fd": q.fd, "demo_fd_floor": q.floor, "demo_fd_noise": q.noise,
+                    "shapes_recognised": q.shapes_recognised}
+        return out
+
+    def _demo_reference(self) -> DemoReference:
+        """The demo quality measure's reference at the current resolution (built once each):
+        fresh renders beyond the dataset's images as held-out images, the dataset's first
+        images as the floor; as many of each as the samples scored."""
+        r = self.stage.resolution
+        if r not in self.demo_references:
+            self.demo_references[r] = DemoReference.for_demo(
+                r, self.demo_features, count=EVAL_IMAGES, data_count=self.cfg.demo_count,
+                seed=self.cfg.seed, top=self.cfg.max_resolution)
+        return self.demo_references[r]
 
     def _report(self, final: bool = False) -> None:
         """Progress line, metrics record and grids for the steps since the last report."""
@@ -442,6 +480,7 @@ class _Trainer:
             "prepared_models": len(self.acc._models),
             "prepared_optimizers": len(self.acc._optimizers),
             **losses, **memory_stats(self.device),
+            **(self._diagnose() if self.main else {}),
         }
         if self.main:
             self.metrics_log.write(record)
@@ -486,9 +525,16 @@ class _Trainer:
             self.stages_log = JsonLines(self.run_dir / "stages.jsonl")
             self.grid_z = torch.randn(cfg.grid_samples, cfg.network.latent_dim,
                                       generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
+            # The built-in demo is scored by its own feature network (metrics/demo_features.py).
+            self.demo_features = load_demo_features(device=self.device) if cfg.data is None else None
+            self.demo_references: dict[int, DemoReference] = {}
+            self.sample_quality: DemoQuality | None = None
             self.held_out = _held_out_dataset(data_path, meta) if cfg.grid_reconstructions else None
             if self.held_out is not None:
                 self.held_out_items = list(range(min(cfg.grid_reconstructions, len(self.held_out))))
+                self.eval_items = list(range(min(EVAL_IMAGES, len(self.held_out))))
+                self.eval_z = torch.randn(EVAL_IMAGES, cfg.network.latent_dim, generator=torch
+                                          .Generator().manual_seed(cfg.seed + 1)).to(self.device)
         if self.images_seen >= self.total:
             self._print(f"{self.run_dir} is complete ({self.total / 1000:g} kimg); nothing to do")
             return self._finish()
@@ -527,6 +573,8 @@ class _Trainer:
             (self.run_dir / "DONE").write_text(f"{self.images_seen}\n")
             self._print(f"done: {self.images_seen / 1000:g} kimg in {format_duration(self.elapsed_s)}; "
                         f"samples in {self.run_dir / 'grids'}")
+            if self.sample_quality is not None:
+                self._print(f"sample quality: {self.sample_quality.summary()}")
         return self._finish()
 
     def _one_step(self, st: ScheduleState, batch: torch.Tensor) -> None:

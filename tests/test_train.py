@@ -104,6 +104,10 @@ def test_cpu_run_4_to_16_rebuilds_on_schedule_and_fills_the_run_dir(reference):
     for key in ("loss_energy", "f_real", "f_fake", "rec_mse", "grad_norm_generator",
                 "grad_norm_energy", "grad_norm_inference", "images_per_s", "alpha", "stage"):
         assert key in metrics[0], key
+    # Latent and energy diagnostics every tick (progressive/diagnostics.py).
+    for key in ("posterior_mean_norm", "posterior_cosine", "active_dims", "f_data", "f_samples",
+                "f_noise", "f_gap", "f_gap_noise"):
+        assert all(key in m and np.isfinite(m[key]) for m in metrics), key
     fades = [m["alpha"] for m in metrics if m["fading"]]
     assert fades and all(0 <= a < 1 for a in fades)
 
@@ -361,3 +365,16 @@ def test_every_ablation_trains_through_the_loop(data, tmp_path, objective):
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert metrics[-1]["images_seen"] == 3 * 64 and (run_dir / "DONE").exists()
     assert all(np.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+
+
+def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
+    """Without --data: the built-in demo, scored every tick by its own feature network."""
+    args = [a for a in TINY if a != "--deterministic"]
+    result = run_cli(["--run-dir", str(tmp_path / "demo"), *args])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("sample quality:"))
+    assert "demo FD" in line and "floor" in line and "noise" in line and "shapes recognised" in line
+    metrics = jsonl(tmp_path / "demo" / "metrics.jsonl")
+    for m in metrics:
+        assert m["demo_fd_floor"] < m["demo_fd_noise"]
+        assert 0 <= m["shapes_recognised"] <= 1 and np.isfinite(m["demo_fd"])
