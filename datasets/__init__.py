@@ -3,7 +3,7 @@
 Imports nothing from ``networks`` or ``progressive`` (DESIGN §7).
 """
 
-from .demo import render_demo_image
+from .demo import SHAPES, demo_factors, render_demo_image
 from .format import DatasetError, Metadata, box_downsample, read_metadata
 from .reader import MultiResolutionDataset, split_indices
 from .sampler import ScheduledBatchSampler
@@ -12,6 +12,7 @@ from .verify import VerifyReport, verify_lmdb
 from .writer import WriteReport, build_levels, write_demo_lmdb, write_lmdb
 
 __all__ = [
+    "SHAPES",
     "DatasetError",
     "Metadata",
     "MultiResolutionDataset",
@@ -22,6 +23,7 @@ __all__ = [
     "box_downsample",
     "build_levels",
     "celebahq_source",
+    "demo_factors",
     "demo_source",
     "folder_source",
     "read_metadata",

@@ -16,6 +16,8 @@ once and box-filtered down like any other source.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 SHAPES = ("disc", "square", "triangle", "ring")
@@ -42,44 +44,115 @@ def _signed_distance(kind: str, u: np.ndarray, v: np.ndarray, size: float) -> np
                       u * n[2][0] + v * n[2][1]) - d
 
 
-def render_demo_image(index: int, resolution: int, seed: int = 0) -> np.ndarray:
+class _Factors(NamedTuple):
+    """One image's factors exactly as drawn (numpy scalar types kept: the renderer's arithmetic,
+    and so its bytes, depend on them)."""
+
+    background_angle: float
+    background: tuple[np.ndarray, np.ndarray]  # two float32 RGB colours in [0, 1], shape (3,)
+    shape: int  # index into SHAPES
+    position: tuple[float, float]  # object centre (cx, cy), each in [-0.25, 0.25]
+    size: float
+    rotation: float
+    colour: np.ndarray  # float32 RGB in [0, 1], shape (3,)
+    stripe_frequency: float
+    stripe_angle: float
+    stripe_contrast: float
+    satellite_angle: float
+    satellite_radius: float
+
+
+def _draw_factors(index: int, seed: int) -> _Factors:
+    """Every random number of image ``(index, seed)``, in the one order the renderer relies on."""
+    rng = np.random.default_rng((int(seed), int(index)))
+    angle = rng.uniform(0, 2 * np.pi)
+    c0 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.9))
+    c1 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.9))
+    shape = int(rng.integers(len(SHAPES)))
+    cx, cy = rng.uniform(-0.25, 0.25, size=2)
+    size = rng.uniform(0.3, 0.55)
+    rot = rng.uniform(0, 2 * np.pi)
+    colour = _hsv_to_rgb(rng.uniform(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+    freq = rng.uniform(3.0, 12.0)
+    stripe_angle = rng.uniform(0, np.pi)
+    contrast = rng.uniform(0.0, 0.35)
+    sat_angle = rng.uniform(0, 2 * np.pi)
+    sat_r = size * rng.uniform(0.2, 0.35)
+    return _Factors(angle, (c0, c1), shape, (cx, cy), size, rot, colour, freq, stripe_angle,
+                    contrast, sat_angle, sat_r)
+
+
+def demo_factors(index: int, seed: int = 0) -> dict:
+    """The factors of demo image ``(index, seed)``, as plain Python numbers.
+
+    Image coordinates are [-1, 1] on both axes, y growing downwards (rows), so the object's
+    centre ``position`` = (cx, cy) is at pixel ``((cx + 1) / 2 * R, (cy + 1) / 2 * R)`` of an
+    R x R render. Keys:
+
+    - ``shape``: int index into :data:`SHAPES`; ``position``: (cx, cy), each in [-0.25, 0.25];
+      ``size``: radius-like scale in [0.3, 0.55]; ``rotation``: radians in [0, 2 pi);
+    - ``colour``: the object's RGB (3 floats in [0, 1]), darkened inside by the stripes by up
+      to ``stripe_contrast`` (in [0, 0.35]); ``stripe_frequency``, ``stripe_angle``;
+    - ``background``: two RGB colours (each 3 floats in [0, 1]) of the gradient, at
+      ``background_angle`` radians;
+    - ``satellite_angle`` (radians) and ``satellite_radius`` of the small disc, whose colour is
+      ``1 - colour``, centred ``1.35 * size`` from the object's centre.
+    """
+    f = _draw_factors(index, seed)
+
+    def rgb(c: np.ndarray) -> tuple[float, float, float]:
+        return tuple(float(v) for v in c)
+
+    return {
+        "shape": f.shape,
+        "colour": rgb(f.colour),
+        "position": (float(f.position[0]), float(f.position[1])),
+        "size": float(f.size),
+        "rotation": float(f.rotation),
+        "background": (rgb(f.background[0]), rgb(f.background[1])),
+        "background_angle": float(f.background_angle),
+        "stripe_frequency": float(f.stripe_frequency),
+        "stripe_angle": float(f.stripe_angle),
+        "stripe_contrast": float(f.stripe_contrast),
+        "satellite_angle": float(f.satellite_angle),
+        "satellite_radius": float(f.satellite_radius),
+    }
+
+
+def render_demo_image(index: int, resolution: int, seed: int = 0, *,
+                      objects: bool = True) -> np.ndarray:
     """Render demo image ``index``: ``uint8`` array of shape (resolution, resolution, 3).
 
-    Deterministic in (index, seed); any resolution >= 1.
+    Deterministic in (index, seed); any resolution >= 1. Its factors: :func:`demo_factors`.
+    ``objects=False``: the same scene's background gradient alone, without the object and the
+    satellite (negatives for the demo feature network's "none" class).
     """
-    rng = np.random.default_rng((int(seed), int(index)))
+    f = _draw_factors(index, seed)
     r = int(resolution)
     # Pixel centres in [-1, 1]; y grows downwards like image rows.
     c = (np.arange(r, dtype=np.float32) + 0.5) / r * 2.0 - 1.0
     y, x = np.meshgrid(c, c, indexing="ij")
     px = 2.0 / r  # one pixel in image units: width of the anti-aliased edge
 
-    angle = rng.uniform(0, 2 * np.pi)
-    c0 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.9))
-    c1 = _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.9))
+    angle, (c0, c1) = f.background_angle, f.background
     t = np.clip((x * np.cos(angle) + y * np.sin(angle)) * 0.5 + 0.5, 0.0, 1.0)[..., None]
     img = c0 * (1.0 - t) + c1 * t
+    if not objects:
+        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
-    kind = SHAPES[rng.integers(len(SHAPES))]
-    cx, cy = rng.uniform(-0.25, 0.25, size=2)
-    size = rng.uniform(0.3, 0.55)
-    rot = rng.uniform(0, 2 * np.pi)
-    cos, sin = np.cos(rot), np.sin(rot)
+    (cx, cy), size = f.position, f.size
+    cos, sin = np.cos(f.rotation), np.sin(f.rotation)
     u = (x - cx) * cos + (y - cy) * sin
     v = -(x - cx) * sin + (y - cy) * cos
-    inside = np.clip(0.5 - _signed_distance(kind, u, v, size) / px, 0.0, 1.0)[..., None]
+    inside = np.clip(0.5 - _signed_distance(SHAPES[f.shape], u, v, size) / px, 0.0, 1.0)[..., None]
 
-    colour = _hsv_to_rgb(rng.uniform(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
-    freq = rng.uniform(3.0, 12.0)
-    stripe_angle = rng.uniform(0, np.pi)
-    contrast = rng.uniform(0.0, 0.35)
+    colour, freq, stripe_angle = f.colour, f.stripe_frequency, f.stripe_angle
     stripes = np.sin((u * np.cos(stripe_angle) + v * np.sin(stripe_angle)) * freq * np.pi)
-    texture = colour * (1.0 - contrast * (0.5 + 0.5 * stripes))[..., None]
+    texture = colour * (1.0 - f.stripe_contrast * (0.5 + 0.5 * stripes))[..., None]
     img = img * (1.0 - inside) + texture * inside
 
-    sat_angle = rng.uniform(0, 2 * np.pi)
-    sat_r = size * rng.uniform(0.2, 0.35)
-    sx, sy = cx + np.cos(sat_angle) * size * 1.35, cy + np.sin(sat_angle) * size * 1.35
-    sat = np.clip(0.5 - (np.hypot(x - sx, y - sy) - sat_r) / px, 0.0, 1.0)[..., None]
+    sx = cx + np.cos(f.satellite_angle) * size * 1.35
+    sy = cy + np.sin(f.satellite_angle) * size * 1.35
+    sat = np.clip(0.5 - (np.hypot(x - sx, y - sy) - f.satellite_radius) / px, 0.0, 1.0)[..., None]
     img = img * (1.0 - sat) + (1.0 - colour) * sat
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

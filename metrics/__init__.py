@@ -1,12 +1,21 @@
 """Evaluation of trained runs (DESIGN §6): FID/KID through clean-fid, test reconstruction error,
-latent walks, and a loader for every network of a checkpoint.
+latent walks, a loader for every network of a checkpoint, and the demo dataset's offline
+sample-quality measure (demo_features.py).
 
 Imports ``networks``, ``datasets`` and the checkpoint side of ``progressive``; never ``tools/``
-or ``bench/`` (DESIGN §7). The user commands are tools/fid.py, reconstruct.py, interpolate.py
-and sample.py.
+or ``bench/`` (DESIGN §7). The user commands are tools/fid.py, reconstruct.py, interpolate.py,
+sample.py and train_demo_features.py.
 """
 
 from .checkpoint_models import LoadedCheckpoint, load_checkpoint, resolve_checkpoint
+from .demo_features import (
+    DemoFeatureNet,
+    DemoFeatures,
+    DemoQuality,
+    DemoReference,
+    demo_quality,
+    load_demo_features,
+)
 from .fid import (
     FeatureStats,
     FIDError,
@@ -22,6 +31,10 @@ from .interpolation import latent_walks, lerp, random_endpoints, slerp
 from .reconstruction import ReconstructionResult, reconstruction_error
 
 __all__ = [
+    "DemoFeatureNet",
+    "DemoFeatures",
+    "DemoQuality",
+    "DemoReference",
     "FIDError",
     "FIDResult",
     "FeatureStats",
@@ -30,12 +43,14 @@ __all__ = [
     "RandomConvFeatures",
     "ReconstructionResult",
     "data_statistics",
+    "demo_quality",
     "fid_from_stats",
     "fid_of_generator",
     "kid_from_stats",
     "latent_walks",
     "lerp",
     "load_checkpoint",
+    "load_demo_features",
     "random_endpoints",
     "reconstruction_error",
     "resolve_checkpoint",

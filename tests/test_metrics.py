@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from triangle.datasets import MultiResolutionDataset, write_demo_lmdb
+from triangle.datasets import MultiResolutionDataset
 from triangle.metrics.checkpoint_models import load_checkpoint
 from triangle.metrics.fid import (
     INCEPTION_FILE,
@@ -38,41 +37,7 @@ from triangle.progressive.checkpoint import CheckpointError
 from triangle.progressive.grids import generate
 
 RES = 8
-TINY_RUN = ["--max-res", str(RES), "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16",
-            "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--workers", "0",
-            "--grid-samples", "16", "--tick-kimg", "1", "--snap-kimg", "0.016", "--keep", "10"]
 FINAL, MID_FADE = "checkpoint-000000000096.pt", "checkpoint-000000000048.pt"  # 8x8 stable; fade a=0.5
-
-
-# tests/test_tools_eval.py uses these fixtures too; they build in a fixed folder of the session's
-# base temp dir, so that the two modules' copies of the fixtures build them once.
-
-
-@pytest.fixture(scope="session")
-def eval_data(tmp_path_factory) -> str:
-    """A demo LMDB 4..8 of 160 images, 16 of them held out as the test split."""
-    path = tmp_path_factory.getbasetemp() / "eval-data" / "demo8.lmdb"
-    if not path.exists():
-        write_demo_lmdb(path, count=160, max_resolution=RES, holdout=16, workers=1)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def eval_run(eval_data, tmp_path_factory) -> Path:
-    """A run directory of a real tiny training run (4x4, 8x8 fade, 8x8 stable)."""
-    from triangle.progressive.train import main as train
-
-    run_dir = tmp_path_factory.getbasetemp() / "eval-runs" / "tiny"
-    if not (run_dir / FINAL).exists():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny convolutions: a second thread only waits (and spins under load)
-        try:
-            result = CliRunner().invoke(train, ["--data", eval_data, "--run-dir", str(run_dir), *TINY_RUN],
-                                        catch_exceptions=False)
-        finally:
-            torch.set_num_threads(threads)
-        assert result.exit_code == 0, result.output
-    return run_dir
 
 
 def _train_images(data: str, indices) -> torch.Tensor:

@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import test_metrics as shared
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -27,8 +26,7 @@ from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures
 from triangle.metrics.reconstruction import reconstruction_error
 
 ROOT = Path(__file__).resolve().parents[1]
-RES = shared.RES
-eval_data, eval_run = shared.eval_data, shared.eval_run  # the session fixtures, shared
+RES = 8  # conftest.py's EVAL_RES
 TOOLS = ("fid", "reconstruct", "interpolate", "sample")
 
 
@@ -56,7 +54,7 @@ def test_help(name):
 
 
 def test_fid_tool_logs_and_caches(eval_run, eval_data, tmp_path):
-    args = [eval_run, "--data", eval_data, "--extractor", "random-conv", "--num-samples", 32,
+    args = [eval_run, "--data", eval_data, "--features", "random-conv", "--num-samples", 32,
             "--batch", 16, "--stats-dir", tmp_path / "stats"]
     first = invoke("fid", [*args, "--workers", 1])
     assert first.exit_code == 0, first.output
@@ -72,7 +70,7 @@ def test_fid_tool_logs_and_caches(eval_run, eval_data, tmp_path):
 
 
 def test_fid_tool_default_cache_is_beside_the_data(eval_run, eval_data):
-    result = invoke("fid", [eval_run, "--data", eval_data, "--extractor", "random-conv",
+    result = invoke("fid", [eval_run, "--data", eval_data, "--features", "random-conv",
                             "--num-samples", 8, "--split", "test", "--workers", 0])
     assert result.exit_code == 0, result.output
     assert list(Path(eval_data + ".fid-stats").glob("fid-test-8-16-*.npz"))
