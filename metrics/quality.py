@@ -1,0 +1,98 @@
+"""Sample quality of a checkpoint with measures that need no download (the quality study's).
+
+``evaluate_checkpoint(path, data)`` scores a checkpoint's EMA generator, inference and energy
+models against the held-out split of its data, at the checkpoint's resolution:
+
+* ``pixel_fd``: the Fréchet distance between generated and held-out images in pixel space,
+  after a box filter to 8×8 (192 numbers per image, so that the covariances are well estimated
+  from a few hundred images); owes nothing to the demo renderer;
+* ``conv_fd``: the same in the features of ``RandomConvFeatures``, a fixed random conv net
+  (not trained on anything, so not on the demo either);
+* on demo data, ``demo_fd`` and ``shapes_recognised`` (metrics/demo_features.py);
+* ``rec_mse``: held-out reconstruction MSE per pixel in [-1, 1] (the paper's Table 2 quantity);
+* ``f_gap``, ``f_gap_noise``: the energy's mean f(data) − f(samples) and f(data) − f(noise).
+
+Every distance comes with its two references computed the same way: training images against
+held-out images (``*_floor``, what a perfect generator would score with this many images) and
+uniform noise against held-out images (``*_noise``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from triangle.datasets import MultiResolutionDataset, read_metadata
+from triangle.metrics.checkpoint_models import load_checkpoint, resolve_checkpoint
+from triangle.metrics.fid import FeatureStats, RandomConvFeatures, fid_from_stats
+from triangle.metrics.reconstruction import reconstruction_error
+from triangle.networks import build_network
+from triangle.progressive.checkpoint import read_checkpoint
+from triangle.progressive.diagnostics import energy_diagnostics
+
+PIXEL_FD_SIZE = 8  # images are box-filtered to 8x8 before the pixel-space distance
+
+
+def pixel_features(images: Tensor) -> np.ndarray:
+    """Images N×3×R×R in [-1, 1] (R >= 8) -> N×192, their 8×8 box-filtered pixels."""
+    x = images.float()
+    if x.shape[-1] > PIXEL_FD_SIZE:
+        x = F.adaptive_avg_pool2d(x, PIXEL_FD_SIZE)
+    return x.flatten(1).cpu().numpy().astype(np.float64)
+
+
+def frechet(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    return fid_from_stats(FeatureStats.of(features_a), FeatureStats.of(features_b))
+
+
+def load_split(data: str | os.PathLike, split: str, resolution: int, count: int) -> Tensor:
+    """The first ``count`` images of a split, N×3×R×R floats in [-1, 1]."""
+    ds = MultiResolutionDataset(data, split=split)
+    return torch.stack([ds.image(i, resolution, as_float=True) for i in range(min(count, len(ds)))])
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None,
+                        *, count: int = 512, seed: int = 1, device: str = "cpu") -> dict[str, float]:
+    """The measures of the module docstring for a checkpoint (or a run directory's newest)."""
+    path = resolve_checkpoint(checkpoint)
+    loaded = load_checkpoint(path, device=device)  # the EMA generator samples
+    cfg, r, alpha = loaded.config, loaded.resolution, loaded.fade_alpha
+    data = data or cfg.data or str(path.parent / "demo.lmdb")
+    held_out = load_split(data, "test" if read_metadata(data).test_indices else "train", r, count)
+    train = load_split(data, "train", r, len(held_out))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(held_out), cfg.network.latent_dim, generator=gen).to(device)
+    samples = torch.cat([loaded.generator(c, alpha) for c in z.split(256)]).clamp(-1, 1).cpu()
+    noise = torch.rand(held_out.shape, generator=gen) * 2 - 1
+    out: dict[str, float] = {}
+    conv = RandomConvFeatures()
+    for name, features in (("pixel_fd", pixel_features),
+                           ("conv_fd", lambda x: conv((x + 1) * 127.5).numpy())):
+        ref = features(held_out)
+        out[name] = frechet(features(samples), ref)
+        out[f"{name}_floor"] = frechet(features(train), ref)
+        out[f"{name}_noise"] = frechet(features(noise), ref)
+    if cfg.data is None:  # the built-in demo: its own feature network
+        from triangle.metrics.demo_features import DemoReference, load_demo_features
+
+        reference = DemoReference.for_demo(r, load_demo_features(device=device), count=len(held_out),
+                                           data_count=cfg.demo_count, seed=cfg.seed,
+                                           top=cfg.max_resolution)
+        q = reference.score(samples)
+        out |= {"demo_fd": q.fd, "demo_fd_floor": reference.floor, "demo_fd_noise": reference.noise,
+                "shapes_recognised": q.shapes_recognised}
+    # Reconstructions through the raw generator: the one trained together with q.
+    raw = load_checkpoint(path, ema=False, inference=True, device=device)
+    out["rec_mse"] = reconstruction_error(raw.generator, raw.inference, data, r, fade_alpha=alpha,
+                                          split="test", count=count, device=device).mse
+    if cfg.objective.terms.energy:
+        energy = build_network("energy", cfg.network, loaded.stage)
+        energy.load_state_dict(read_checkpoint(path)["models"]["energy"])
+        energy = energy.to(device).eval().requires_grad_(False)
+        out |= energy_diagnostics(energy, held_out.to(device), samples.to(device), alpha, seed=seed)
+    return out

@@ -1,0 +1,43 @@
+"""bench/quality.py end to end on a tiny budget: real trainings (subprocesses of train.py on the
+built-in demo), real checkpoints, the real scoring of metrics/quality.py, the table and the
+picture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
+        "--grid-samples", "16", "--workers", "0"]
+
+
+def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
+    out = tmp_path / "study"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality.py"), "--out", str(out), "--max-res", "8",
+         "--phase-kimg", "0.032", "--variants", "triangle,vae", "--device", "cpu", "--", *TINY],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["triangle", "vae"]
+    for r in rows:
+        assert r["resolution"] == 8 and r["kimg"] == 0.096
+        for key in ("demo_fd", "shapes_recognised", "pixel_fd", "conv_fd", "rec_mse"):
+            assert key in r, key
+            floor, noise = r.get(f"{key}_floor"), r.get(f"{key}_noise")
+            if floor is not None:
+                assert floor < noise, (key, floor, noise)
+    assert "f_gap" in rows[0] and "f_gap" not in rows[1]  # the VAE has no energy
+    table = (out / "quality.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| run"))
+    for column in ("demo FD", "shapes", "pixel FD", "conv FD", "rec MSE", "f gap"):
+        assert column in header, column
+    body = [line for line in table if line.startswith("| triangle") or line.startswith("| vae")]
+    assert len(body) == 2 and all(line.count("|") == header.count("|") for line in body)
+    picture = Image.open(out / "quality.png")
+    assert picture.height >= 3 * 8  # held-out row + one row per run
