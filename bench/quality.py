@@ -210,9 +210,11 @@ def main(out: Path, data, max_res, phase_kimg, variants, seeds, minutes, jobs, t
             continue
         scores = evaluate_checkpoint(run_dir, device=device)
         loaded = load_checkpoint(run_dir)
+        # Training time as the run logged it (all its sessions; a finished run re-scored keeps it).
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         row = {"run": f"{name} (seed {seed})", "variant": name, "seed": seed,
                "options": VARIANTS[name], "kimg": loaded.images_seen / 1000,
-               "resolution": loaded.resolution, "seconds": timings[(name, seed)][0],
+               "resolution": loaded.resolution, "seconds": last["elapsed_s"],
                "stopped": timings[(name, seed)][1], **scores}
         rows.append(row)
         pictures.append((row["run"], sample_row(run_dir, GRID, device)))
