@@ -136,9 +136,9 @@ def demo_config() -> TrainConfig:
             stable_kimg=20.0,
             # 10x the --data runs' rates: their 1e-3 (PGGAN's, equalised learning rate) is
             # made for 600 kimg per phase; in the demo's 20 kimg it leaves every network far
-            # from trained. Measured at 16² (bench/quality.py, demo): the VAE's demo FD
-            # after 48 kimg fell from 249 to 102 with 1e-2, and the triangle's samples show
-            # rings and discs only with it.
+            # from trained. Measured at a fixed 16² stage on the demo: the VAE's demo FD after
+            # 48 kimg fell from 249 to 102 with 1e-2; the triangle's samples show rings and
+            # discs only with it (README: the study).
             lr_generator=1e-2,
             lr_inference=1e-2,
             lr_energy=1e-2,

@@ -92,16 +92,19 @@ class ObjectiveConfig:
     # latent size d. The reference code averages it over d (w_kl/d on the sum: 1/512 at the
     # paper's 1024² latent), which leaves posterior means in a narrow cone (mean cosine 0.75,
     # norm 17) that prior samples miss, so samples are blobs while reconstructions are sharp.
-    # Measured on the demo at 16² (bench/quality.py): 'kl-mean' and 'kl-sum' (w 1, blurry
-    # reconstructions) both score worse than 0.25; see the README's study table.
+    # Measured in 16² demo probes (30–70 kimg): w 1 summed blurred the reconstructions (MSE
+    # 0.053 against 0.031 at 0.25); averaged, samples stayed blobs. The README's study table
+    # compares the defaults with the reference settings; the variants kl-mean, kl-sum-w1 and
+    # kl-sum-w0.0625 of bench/quality.py are still to be tabled.
     kl_reduction: str = "sum"  # 'sum' over latent dims (D's own KL) or 'mean' (reference code)
     w_kl: float = 0.25  # on the KL term (reference code: 1 with kl_reduction='mean')
     # Anchors f's level, which D leaves free (energy_loss): without it f drifted to ±30…100 in
     # the demo; 0.01 holds it within a few units and changes no measured quality.
     w_level: float = 0.01  # on ((mean f(x) + mean f(x̃))/2)² in the α step (see energy_loss)
-    # R1 on the energy: without it an energy trained as fast as the generator collapses the
-    # samples on photographs; at 1 its gradient is too smooth to pull samples (12x smaller
-    # generator gradient than R's); 0.1 keeps both (bench/quality.py variants r1-*).
+    # R1 on the energy: without it an energy trained as fast as the generator destabilised
+    # the photographs' runs (f(samples) above f(data), reconstruction error doubled, in 16²
+    # probes); at 1 its gradient was too smooth to pull samples (its θ-gradient 12x smaller
+    # than R's, and a 3x energy rate changed nothing); 0.1 kept both (probes, 16² and 8²).
     w_r1: float = 0.1  # R1: w_r1/2 · mean |∇ₓf(x)|² on data in the α step (see energy_loss)
     rec_reference_pixels: int = 32 * 32  # the balance rule: R = SSE · this / (H·W)
     fused: bool = True  # share passes between the φ and θ steps (see step.py); False = strict

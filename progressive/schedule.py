@@ -46,10 +46,10 @@ class ScheduleConfig:
     per_gpu_batch_cap: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_PER_GPU_CAP))
     lr_generator: float = 1e-3  # Adam learning rates at images_seen = 0
     lr_inference: float = 1e-3
-    # Equal to the generator's (the reference code: 1:3). Measured (bench/quality.py, demo):
-    # at 3e-4 the energy cannot tell samples from data (f(samples) >= f(data) at 8x8) and its
-    # pull on the generator is noise; with the R1 stabiliser (ObjectiveConfig.w_r1) an equal
-    # rate is stable on the demo and on photographs.
+    # Equal to the generator's (the reference code: 1:3). At a third, the energy rated samples
+    # at or above data (8x8 probes) and its pull on the generator was noise; with the R1
+    # stabiliser (ObjectiveConfig.w_r1) an equal rate trained stably on the demo and on
+    # photographs (the README's study tables).
     lr_energy: float = 1e-3
     lr_decay: float = 0.998  # learning rates x lr_decay every lr_decay_kimg (reference:
     lr_decay_kimg: float = 50.0  # x0.998 per 500 iterations of 100 images)
