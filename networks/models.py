@@ -43,7 +43,8 @@ def _act(x: Tensor, cfg: NetworkConfig) -> Tensor:
 
 
 class _GeneratorHead(nn.Module):
-    """z -> pixel norm (``cfg.normalize_latent``) -> dense to 4x4xC -> conv3x3, each followed by LeakyReLU and pixel norm."""
+    """z -> pixel norm (if ``cfg.normalize_latent``) -> dense to 4x4xC -> conv3x3, each
+    followed by LeakyReLU and pixel norm."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()

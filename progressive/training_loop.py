@@ -72,6 +72,12 @@ DEMO_DATA = "demo.lmdb"  # the demo dataset's folder inside the run directory
 EVAL_IMAGES = 512  # held-out images and fixed-z samples behind the per-tick diagnostics
 
 
+def eval_count(resolution: int) -> int:
+    """Images behind the per-tick diagnostics at ``resolution``: 512 up to 64², then fewer
+    (64 at 256² and above), so that a tick's evaluation stays cheap and fits in memory."""
+    return max(64, min(EVAL_IMAGES, EVAL_IMAGES * 64 * 64 // (resolution * resolution)))
+
+
 @dataclass(frozen=True)
 class DebugOptions:
     """Hooks for tests (hidden command-line options); none of them is part of the run's config."""
@@ -426,28 +432,33 @@ class _Trainer:
         alpha = self._fade_alpha_of_networks()
         modes = [m.training for m in (energy, inf)]
         energy.eval(), inf.eval()
-        x = self._held_out_batch(alpha, self.eval_items)
-        mu = torch.cat([inf(c, alpha)[0] for c in x.split(256)])
-        samples = generate(self.ema, self.eval_z, alpha)
+        # In chunks of the training batch, which is known to fit on the device.
+        n, chunk = eval_count(self.stage.resolution), self._per_gpu_batch()
+        x = self._held_out_batch(alpha, self.eval_items[:n])
+        mu = torch.cat([inf(c, alpha)[0] for c in x.split(chunk)])
+        samples = generate(self.ema, self.eval_z[:n], alpha, batch=chunk)
         out = latent_diagnostics(mu)
         if self.cfg.objective.terms.energy:
-            out |= energy_diagnostics(energy, x, samples, alpha, seed=self.cfg.seed)
+            out |= energy_diagnostics(energy, x, samples, alpha, seed=self.cfg.seed, batch=chunk)
         energy.train(modes[0]), inf.train(modes[1])
         if self.demo_features is not None:
-            self.sample_quality = self._demo_reference().score(samples)
+            self.sample_quality = self._demo_reference(len(samples)).score(samples)
             q = self.sample_quality
             out |= {"demo_fd": q.fd, "demo_fd_floor": q.floor, "demo_fd_noise": q.noise,
                     "shapes_recognised": q.shapes_recognised}
         return out
 
-    def _demo_reference(self) -> DemoReference:
+    def _per_gpu_batch(self) -> int:
+        return batch_sizes(self.cfg.schedule, self.stage.resolution, self.world)[1]
+
+    def _demo_reference(self, count: int) -> DemoReference:
         """The demo quality measure's reference at the current resolution (built once each):
         fresh renders beyond the dataset's images as held-out images, the dataset's first
         images as the floor; as many of each as the samples scored."""
         r = self.stage.resolution
         if r not in self.demo_references:
             self.demo_references[r] = DemoReference.for_demo(
-                r, self.demo_features, count=EVAL_IMAGES, data_count=self.cfg.demo_count,
+                r, self.demo_features, count=count, data_count=self.cfg.demo_count,
                 seed=self.cfg.seed, top=self.cfg.max_resolution)
         return self.demo_references[r]
 

@@ -194,3 +194,13 @@ def test_loader_errors_are_one_line(tmp_path, eval_data):
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(path)
         assert "\n" not in str(err.value), str(err.value)
+
+
+def test_frechet_distance_equals_clean_fids_and_is_zero_for_equal_sets():
+    from cleanfid.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = FeatureStats.of(rng.normal(size=(300, 16)))
+    b = FeatureStats.of(rng.normal(size=(300, 16)) * 1.5 + 0.3)
+    assert fid_from_stats(a, b) == pytest.approx(frechet_distance(a.mu, a.sigma, b.mu, b.sigma), rel=1e-6)
+    assert fid_from_stats(a, a) == pytest.approx(0.0, abs=1e-6)

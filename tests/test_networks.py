@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -283,3 +284,15 @@ def test_energy_and_inference_outputs_are_fp32_under_bf16_autocast():
         e, (mu, logvar) = f(x, 0.5), q(x, 0.5)
     assert x.dtype == torch.bfloat16  # image-sized: left in the compute dtype
     assert e.dtype == mu.dtype == logvar.dtype == torch.float32
+
+
+def test_the_generator_sees_only_the_direction_of_z_unless_told_otherwise():
+    z = torch.randn(3, TINY.latent_dim)
+    for normalize in (True, False):
+        cfg = dataclasses.replace(TINY, normalize_latent=normalize)
+        torch.manual_seed(0)
+        g = build_network("generator", cfg, Stage(8, False))
+        with torch.no_grad():
+            g.head.dense.bias.fill_(0.5)  # at a zero bias the next pixel norm hides z's scale too
+            same = torch.allclose(g(z), g(3 * z), atol=1e-5)
+        assert same == normalize

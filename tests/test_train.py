@@ -378,3 +378,9 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
     for m in metrics:
         assert m["demo_fd_floor"] < m["demo_fd_noise"]
         assert 0 <= m["shapes_recognised"] <= 1 and np.isfinite(m["demo_fd"])
+
+
+def test_the_per_tick_evaluation_shrinks_with_the_resolution():
+    from triangle.progressive.training_loop import eval_count
+
+    assert [eval_count(r) for r in (4, 64, 128, 256, 1024)] == [512, 512, 128, 64, 64]
