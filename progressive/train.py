@@ -17,6 +17,7 @@ import sys
 import click
 
 from triangle.datasets import DatasetError, read_metadata
+from triangle.metrics.fid import FIDError
 from triangle.networks import NetworkConfig
 from triangle.progressive.config import TrainConfig, UserError, demo_config
 from triangle.progressive.objective import TERMS, ObjectiveConfig
@@ -227,7 +228,7 @@ def main(**o) -> None:
         return
     try:
         training_loop(cfg, allow_config_change=allow_change, debug=debug)
-    except (UserError, DatasetError) as exc:
+    except (UserError, DatasetError, FIDError) as exc:  # FIDError: demo feature weights missing
         if _is_main_rank():
             click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
