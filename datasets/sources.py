@@ -9,6 +9,7 @@ reason. File bytes are read in the parent so workers stay pure functions of thei
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -181,8 +182,6 @@ def list_files(root: str | os.PathLike) -> list[str]:
 
 
 def _file_fingerprint(root: str, files: Sequence[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256(os.path.abspath(root).encode())
     for f in files:
         h.update(f.encode() + b"\0" + str(os.path.getsize(os.path.join(root, f))).encode() + b"\n")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from triangle.networks import Stage, build_network
-from triangle.progressive.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-from triangle.progressive.config import TrainConfig
+from ..networks import Stage, build_network
+from ..progressive.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from ..progressive.config import TrainConfig
 
 
 @dataclass

@@ -14,9 +14,8 @@ from pathlib import Path
 import click
 import torch
 
-from triangle.datasets import DatasetError
-from triangle.progressive.checkpoint import CheckpointError
-
+from ..datasets import DatasetError
+from ..progressive.checkpoint import CheckpointError
 from .checkpoint_models import LoadedCheckpoint, load_checkpoint
 from .fid import FIDError
 

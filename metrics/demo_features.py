@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from triangle.datasets import (
+from ..datasets import (
     SHAPES,
     DatasetError,
     MultiResolutionDataset,
@@ -52,8 +52,7 @@ from triangle.datasets import (
     render_demo_image,
     split_indices,
 )
-from triangle.datasets.demo import _hsv_to_rgb
-
+from ..datasets.demo import _hsv_to_rgb
 from .fid import FeatureStats, FIDError, fid_from_stats
 
 WEIGHTS_FILE = Path(__file__).with_name("demo_features.pt")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from triangle.datasets import DatasetError, MultiResolutionDataset
+from ..datasets import DatasetError, MultiResolutionDataset
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = (

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triangle.datasets import MultiResolutionDataset, read_metadata
-from triangle.metrics.checkpoint_models import load_checkpoint, resolve_checkpoint
-from triangle.metrics.fid import FeatureStats, RandomConvFeatures, fid_from_stats
-from triangle.metrics.reconstruction import reconstruction_error
-from triangle.networks import build_network
-from triangle.progressive.checkpoint import read_checkpoint
-from triangle.progressive.diagnostics import energy_diagnostics
+from ..datasets import MultiResolutionDataset, read_metadata
+from ..networks import build_network
+from ..progressive.checkpoint import read_checkpoint
+from ..progressive.diagnostics import energy_diagnostics
+from .checkpoint_models import load_checkpoint, resolve_checkpoint
+from .demo_features import DemoReference, load_demo_features
+from .fid import FeatureStats, RandomConvFeatures, fid_from_stats
+from .reconstruction import reconstruction_error
 
 PIXEL_FD_SIZE = 8  # images are box-filtered to 8x8 before the pixel-space distance
 
@@ -78,8 +79,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         out[f"{name}_floor"] = frechet(features(train), ref)
         out[f"{name}_noise"] = frechet(features(noise), ref)
     if cfg.data is None:  # the built-in demo: its own feature network
-        from triangle.metrics.demo_features import DemoReference, load_demo_features
-
         # Its own ``count`` samples and fresh held-out renders: the demo's test split is small
         # (64), and a Fréchet distance from few images is biased upwards by about 1/N.
         reference = DemoReference.for_demo(r, load_demo_features(device=device), count=count,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from triangle.datasets import DatasetError, MultiResolutionDataset
-from triangle.networks import fade_images
-from triangle.progressive.grids import reconstruct  # g(mu(q(x))), as the training grids show it
+from ..datasets import DatasetError, MultiResolutionDataset
+from ..networks import fade_images
+from ..progressive.grids import reconstruct  # g(mu(q(x))), as the training grids show it
 
 
 @dataclass

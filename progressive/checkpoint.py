@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triangle.progressive.config import UserError
+from .config import UserError
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{12})\.pt$")

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from triangle.networks import NetworkConfig
-from triangle.progressive.objective import ObjectiveConfig
-from triangle.progressive.schedule import ScheduleConfig
+from ..networks import NetworkConfig
+from .objective import ObjectiveConfig
+from .schedule import ScheduleConfig
 
 PRECISIONS = ("no", "bf16", "fp16")
 MOMENT_POLICIES = ("reset", "carry")

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from triangle.networks import Stage, stage_sequence
+from ..networks import Stage, stage_sequence
 
 # PGGAN's CelebA-HQ minibatch sizes (global, all GPUs together) per resolution.
 DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}

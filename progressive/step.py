@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from triangle.networks import frozen
-from triangle.progressive.objective import (
+from ..networks import frozen
+from .objective import (
     ObjectiveConfig,
     energy_loss,
     gaussian_nll,

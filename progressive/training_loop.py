@@ -35,15 +35,20 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from triangle.datasets import MultiResolutionDataset, read_metadata, write_demo_lmdb
-from triangle.metrics.demo_features import DemoQuality, DemoReference, load_demo_features
-from triangle.networks import Stage, build_network, fade_images, rebuild_network
-from triangle.progressive import checkpoint as ckpt
-from triangle.progressive.config import TrainConfig, UserError, check_resume_compatible
-from triangle.progressive.diagnostics import energy_diagnostics, latent_diagnostics
-from triangle.progressive.ema import copy_missing, ema_beta, update_ema
-from triangle.progressive.grids import generate, interleave_rows, reconstruct, save_images
-from triangle.progressive.run_dir import (
+from ..datasets import (
+    MultiResolutionDataset,
+    ScheduledBatchSampler,
+    read_metadata,
+    write_demo_lmdb,
+)
+from ..metrics.demo_features import DemoQuality, DemoReference, load_demo_features
+from ..networks import Stage, build_network, fade_images, rebuild_network
+from . import checkpoint as ckpt
+from .config import TrainConfig, UserError, check_resume_compatible
+from .diagnostics import energy_diagnostics, latent_diagnostics
+from .ema import copy_missing, ema_beta, update_ema
+from .grids import generate, interleave_rows, reconstruct, save_images
+from .run_dir import (
     OPTIONS_FILE,
     Console,
     JsonLines,
@@ -53,14 +58,14 @@ from triangle.progressive.run_dir import (
     truncate_jsonl,
     write_json_atomic,
 )
-from triangle.progressive.schedule import (
+from .schedule import (
     ScheduleState,
     batch_sizes,
     phase_boundaries,
     schedule,
     total_images,
 )
-from triangle.progressive.step import (
+from .step import (
     NonFiniteLossError,
     TrainModels,
     TrainOptimizers,
@@ -667,8 +672,6 @@ def estimate_remaining_s(cfg, images_seen: int, resolution: int, speed: float) -
 
 
 def _sampler(dataset, cfg: TrainConfig, rank: int, world: int, images_seen: int):
-    from triangle.datasets import ScheduledBatchSampler
-
     return ScheduledBatchSampler(num_items=len(dataset), plan=_Plan(cfg, world), rank=rank,
                                  world_size=world, seed=cfg.seed, start_images=images_seen,
                                  flip=cfg.flip)
