@@ -46,11 +46,6 @@ class ScheduledBatchSampler(Sampler):
             return np.zeros(self.shard_len, dtype=bool)
         return np.random.default_rng((self.seed, epoch, self.rank, 1)).random(self.shard_len) < 0.5
 
-    def position(self, k: int) -> tuple[int, bool]:
-        """The rank's k-th (index, flip)."""
-        e, j = divmod(k, self.shard_len)
-        return int(self.shard(e)[j]), bool(self.flips(e)[j])
-
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
         images = self.start_images
         k = images // self.world_size

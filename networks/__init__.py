@@ -10,7 +10,6 @@ from .growth import (
     frozen,
     parameter_count,
     rebuild_network,
-    set_requires_grad,
     unwrap,
 )
 from .layers import fade_images
@@ -29,7 +28,6 @@ __all__ = [
     "frozen",
     "parameter_count",
     "rebuild_network",
-    "set_requires_grad",
     "stage_sequence",
     "unwrap",
 ]

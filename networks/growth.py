@@ -62,13 +62,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def set_requires_grad(modules: nn.Module | tuple[nn.Module, ...], flag: bool) -> None:
-    """``requires_grad_(flag)`` on every parameter of ``modules``."""
-    for module in modules if isinstance(modules, tuple) else (modules,):
-        for p in module.parameters():
-            p.requires_grad_(flag)
-
-
 @contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Run ``modules`` without parameter gradients; gradients still flow to their inputs.

@@ -125,10 +125,6 @@ class ObjectiveConfig:
     def terms(self) -> Terms:
         return TERMS[self.kind]
 
-    @property
-    def uses_energy(self) -> bool:
-        return self.terms.energy
-
     def rec_scale(self, resolution: int) -> float:
         """The balance rule's factor on the per-image SSE at ``resolution``."""
         return self.rec_reference_pixels / float(resolution * resolution)

@@ -81,7 +81,6 @@ class ScheduleConfig:
 class ScheduleState:
     """Everything the trainer needs at one moment of training."""
 
-    stage_index: int  # position in stage_sequence(max_resolution)
     stage: Stage
     fade_alpha: float  # in [0, 1): the weight of the new layers during a fade; 1.0 when stable
     global_batch: int  # images in this step, all ranks together (a multiple of world_size)
@@ -89,8 +88,6 @@ class ScheduleState:
     lr_generator: float
     lr_inference: float
     lr_energy: float
-    phase_start_images: int  # images_seen at which this phase began
-    phase_end_images: int  # ... and ends (the total for the last phase)
     done: bool  # images_seen has reached the total
 
     @property
@@ -165,7 +162,6 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
 
     decay = cfg.lr_decay ** (images_seen / (cfg.lr_decay_kimg * 1000))
     return ScheduleState(
-        stage_index=index,
         stage=stage,
         fade_alpha=fade_alpha,
         global_batch=global_batch,
@@ -173,8 +169,6 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
         lr_generator=cfg.lr_generator * decay,
         lr_inference=cfg.lr_inference * decay,
         lr_energy=cfg.lr_energy * decay,
-        phase_start_images=start,
-        phase_end_images=end,
         done=done,
     )
 

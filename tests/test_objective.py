@@ -213,9 +213,9 @@ def test_every_variant_steps_every_network_it_trains(kind, fused):
     before = [snapshot(m) for m in models]
     metrics = TriangleStep(cfg)(models, opts, toy_images(8, 3), torch.randn(8, 4), 0.5)
     moved = [not same(b, snapshot(m)) for b, m in zip(before, models)]
-    assert moved == [True, cfg.uses_energy, True]
+    assert moved == [True, cfg.terms.energy, True]
     assert all(torch.isfinite(v) for v in metrics.values())
-    assert ("f_real" in metrics) == cfg.uses_energy
+    assert ("f_real" in metrics) == cfg.terms.energy
 
 
 def test_a_nan_loss_raises_before_any_weight_changes():
@@ -287,7 +287,7 @@ def test_config_round_trips_and_rejects_unknown_variants():
     assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError):
         ObjectiveConfig(kind="gan")
-    assert not dataclasses.replace(cfg, kind="vae").uses_energy
+    assert not dataclasses.replace(cfg, kind="vae").terms.energy
     assert math.isclose(cfg.rec_scale(64), 0.25)
 
 
