@@ -28,7 +28,6 @@ numbers are comparable with nothing published.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets import DatasetError, MultiResolutionDataset
+from ..files import write_atomic
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = (
@@ -111,13 +111,10 @@ def _missing_inception(file: Path, why: str) -> FIDError:
 def _download_inception(file: Path) -> None:
     """clean-fid's download, but into a temporary name renamed when complete."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     try:
-        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as response, open(tmp, "wb") as fh:
-            shutil.copyfileobj(response, fh)
-        os.replace(tmp, file)
+        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as response:
+            write_atomic(file, lambda fh: shutil.copyfileobj(response, fh))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _missing_inception(file, f"not found and not downloadable ({exc})") from exc
 
 
@@ -218,12 +215,9 @@ class FeatureStats:
         """Atomically, as an ``.npz`` that also holds the key it was computed for (as JSON)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, mu=self.mu, sigma=self.sigma, features=self.features,
-                 key=np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
+        key_bytes = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
+        write_atomic(path, lambda fh: np.savez(fh, mu=self.mu, sigma=self.sigma,
+                                               features=self.features, key=key_bytes))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

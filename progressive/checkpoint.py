@@ -15,9 +15,10 @@ function of the images seen, so nothing else about the schedule is stored):
 - ``lr_scale`` and ``rollbacks`` (the divergence guard's learning-rate factor).
 
 Everything in it is tensors and plain Python values, so it loads with ``weights_only=True``.
-A write goes to a hidden temporary file in the same folder, is fsync'ed, then renamed over the
-final name (``os.replace`` is atomic on POSIX): a crash mid-write leaves the previous
-checkpoints intact and at most a stray ``.checkpoint-*.tmp-*`` file, which the next run removes.
+A write goes through ``triangle/files.py``'s ``write_atomic``: a hidden temporary file in the
+same folder, fsync'ed, then renamed over the final name (``os.replace`` is atomic on POSIX), so
+a crash mid-write leaves the previous checkpoints intact and at most a stray
+``.checkpoint-*.tmp-*`` file, which the next run removes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from .config import UserError
 
 FORMAT_VERSION = 1
@@ -65,43 +67,26 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(payload: dict, path: str | os.PathLike, *, debug_write_delay_s: float = 0.0) -> Path:
+def write_checkpoint(payload: dict, path: str | os.PathLike, *,
+                     debug_write_delay_s: float = 0.0) -> Path:
     """``torch.save(payload)`` to ``path`` so that ``path`` is either the old file or the new one.
 
     ``debug_write_delay_s`` (tests only) pauses halfway through writing the bytes, so that a
     process killed meanwhile reliably dies in the middle of a checkpoint write.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        if debug_write_delay_s > 0:
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            data = buffer.getbuffer()
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            time.sleep(debug_write_delay_s)
-            fh.write(data[len(data) // 2 :])
-        else:
+    def write(fh) -> None:
+        if debug_write_delay_s <= 0:
             torch.save(payload, fh)
+            return
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        data = buffer.getbuffer()
+        fh.write(data[: len(data) // 2])
         fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+        time.sleep(debug_write_delay_s)
+        fh.write(data[len(data) // 2 :])
+
+    return write_atomic(path, write)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:

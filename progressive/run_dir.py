@@ -27,13 +27,6 @@ import torch
 OPTIONS_FILE = "training_options.json"
 
 
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 class JsonLines:
     """Append-only JSON-lines file, flushed per record so a killed run keeps what it wrote."""
 

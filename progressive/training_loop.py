@@ -41,6 +41,7 @@ from ..datasets import (
     read_metadata,
     write_demo_lmdb,
 )
+from ..files import write_json_atomic
 from ..metrics.demo_features import DemoQuality, DemoReference, load_demo_features
 from ..networks import Stage, build_network, fade_images, rebuild_network
 from . import checkpoint as ckpt
@@ -56,7 +57,6 @@ from .run_dir import (
     memory_stats,
     stage_label,
     truncate_jsonl,
-    write_json_atomic,
 )
 from .schedule import (
     ScheduleState,
@@ -391,7 +391,7 @@ class _Trainer:
                 "elapsed_s": self.elapsed_s,
                 "reason": reason,
             }
-            path = ckpt.write_atomic(payload, ckpt.checkpoint_path(self.run_dir, self.images_seen),
+            path = ckpt.write_checkpoint(payload, ckpt.checkpoint_path(self.run_dir, self.images_seen),
                                      debug_write_delay_s=self.debug.checkpoint_write_delay_s)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
             self._print(f"checkpoint {path.name} ({reason})")

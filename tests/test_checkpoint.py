@@ -24,7 +24,7 @@ from triangle.progressive.checkpoint import (
     read_checkpoint,
     remove_stale_temporaries,
     restore_rng,
-    write_atomic,
+    write_checkpoint,
 )
 
 
@@ -34,13 +34,13 @@ def payload(images: int) -> dict:
 
 
 def test_a_process_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
-    write_atomic(payload(100), checkpoint_path(tmp_path, 100))
+    write_checkpoint(payload(100), checkpoint_path(tmp_path, 100))
     before = checkpoint_path(tmp_path, 100).read_bytes()
     script = (
         "import sys, torch\n"
-        "from triangle.progressive.checkpoint import write_atomic, checkpoint_path, FORMAT_VERSION\n"
+        "from triangle.progressive.checkpoint import write_checkpoint, checkpoint_path, FORMAT_VERSION\n"
         "p = {'format_version': FORMAT_VERSION, 'images_seen': 200, 'weights': torch.zeros(256, 1024)}\n"
-        "write_atomic(p, checkpoint_path(sys.argv[1], 200), debug_write_delay_s=60)\n"
+        "write_checkpoint(p, checkpoint_path(sys.argv[1], 200), debug_write_delay_s=60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
     deadline = time.monotonic() + 60
@@ -65,7 +65,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pa
 
 def test_the_last_k_are_kept(tmp_path):
     for images in (5, 10, 1000, 20):
-        write_atomic(payload(images), checkpoint_path(tmp_path, images))
+        write_checkpoint(payload(images), checkpoint_path(tmp_path, images))
     (tmp_path / "checkpoint-notanumber.pt").write_text("x")  # not ours: ignored
     assert [read_checkpoint(p)["images_seen"] for p in list_checkpoints(tmp_path)] == [5, 10, 20, 1000]
     prune_checkpoints(tmp_path, keep=2)
@@ -78,7 +78,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     torch.randn(3, generator=latents)
     state = capture_rng(latents)
-    write_atomic({"format_version": FORMAT_VERSION, "rng": [state]}, tmp_path / "c.pt")
+    write_checkpoint({"format_version": FORMAT_VERSION, "rng": [state]}, tmp_path / "c.pt")
 
     def draws():
         return (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)],

@@ -15,13 +15,13 @@ weights.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
 import torch
 
+from triangle.files import write_atomic
 from triangle.metrics.demo_features import (
     TRAIN_RESOLUTIONS,
     WEIGHTS_FILE,
@@ -54,9 +54,7 @@ def main(out, seed, steps, count, negatives, threads, eval_count):
     t0 = time.perf_counter()
     net = train_demo_features(seed, count=count, negatives=negatives, steps=steps, log=click.echo)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, out)
+    write_atomic(out, lambda fh: torch.save(net.state_dict(), fh))
     click.echo(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) "
                f"after {time.perf_counter() - t0:.0f} s")
     click.echo(f"held-out, {eval_count} images each (seed 0): shape accuracy; recognised as a "
