@@ -163,13 +163,18 @@ RUNTIME_FIELDS = frozenset({
 })
 
 
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"network": {"latent_dim": 8}}`` -> ``{"network.latent_dim": 8}`` (dict tables kept whole)."""
+def flatten(values: dict[str, Any], prefix: str = "", *, tables: bool = True) -> dict[str, Any]:
+    """``{"network": {"latent_dim": 8}}`` -> ``{"network.latent_dim": 8}``.
+
+    With ``tables`` (the default) the dicts inside the parts, such as
+    ``schedule.batch_per_resolution``, stay whole values (string keys); without, they are
+    flattened too (``schedule.batch_per_resolution.4``).
+    """
     out = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and key in ("network", "schedule", "objective"):
-            out |= flatten(value, f"{name}.")
+        if isinstance(value, dict) and (not tables or key in ("network", "schedule", "objective")):
+            out |= flatten(value, f"{name}.", tables=tables)
         else:
             out[name] = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
     return out

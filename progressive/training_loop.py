@@ -45,7 +45,7 @@ from ..files import write_json_atomic
 from ..metrics.demo_features import DemoQuality, DemoReference, load_demo_features
 from ..networks import Stage, build_network, fade_images, rebuild_network
 from . import checkpoint as ckpt
-from .config import TrainConfig, UserError, check_resume_compatible
+from .config import TrainConfig, UserError, check_resume_compatible, flatten
 from .diagnostics import energy_diagnostics, latent_diagnostics
 from .ema import copy_missing, ema_beta, update_ema
 from .grids import generate, interleave_rows, reconstruct, save_images
@@ -204,7 +204,9 @@ class _Trainer:
         for name in ("metrics.jsonl", "stages.jsonl"):  # drop records past the checkpoint
             truncate_jsonl(self.run_dir / name, checkpoint_images)
         if self.cfg.tensorboard:
-            self.acc.init_trackers("triangle", config=_flat_scalars(self.cfg.to_dict()))
+            options = flatten(self.cfg.to_dict(), tables=False)
+            scalars = {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}
+            self.acc.init_trackers("triangle", config=scalars)
 
     def _print(self, line: str) -> None:
         if self.console is not None:
@@ -680,13 +682,3 @@ def _sampler(dataset, cfg: TrainConfig, rank: int, world: int, images_seen: int)
 def _held_out_dataset(path: str, meta) -> MultiResolutionDataset:
     """The test split for reconstruction grids; the training split if the data has none."""
     return MultiResolutionDataset(path, split="test" if meta.test_indices else "train")
-
-
-def _flat_scalars(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out |= _flat_scalars(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float, str, bool)):
-            out[f"{prefix}{k}"] = v
-    return out
