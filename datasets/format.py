@@ -26,13 +26,14 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from ..resolutions import resolutions
+
 FORMAT_NAME = "triangle-multires-lmdb"
 FORMAT_VERSION = 1
 META_KEY = b"__meta__"
 PREP_KEY = b"__prep__"
 PORT_LENGTH_KEY = b"length"
 CODECS = ("raw", "jpeg", "png")
-MIN_RESOLUTION = 4
 # Largest level a StyleGAN-port LMDB is probed for.
 _PORT_MAX_PROBE = 8192
 
@@ -49,14 +50,6 @@ def image_key(resolution: int, index: int) -> bytes:
 def port_key(resolution: int, index: int) -> bytes:
     """Key of image ``index`` at ``resolution`` in the StyleGAN-port layout."""
     return f"{resolution}-{index:05d}".encode()
-
-
-def levels_up_to(max_resolution: int) -> list[int]:
-    """``[4, 8, ..., max_resolution]``; raises DatasetError unless a power of two >= 4."""
-    r = int(max_resolution)
-    if r < MIN_RESOLUTION or r & (r - 1):
-        raise DatasetError(f"resolution {max_resolution} is not a power of two >= 4")
-    return [1 << k for k in range(2, r.bit_length())]
 
 
 @dataclass(frozen=True)
@@ -210,28 +203,23 @@ def _port_metadata(txn: lmdb.Transaction, path: str, length: bytes) -> Metadata:
         count = int(length.decode())
     except ValueError as e:
         raise DatasetError(f"{path}: StyleGAN-port LMDB with a bad 'length' record {length[:20]!r}") from e
-    stored = []
-    r = MIN_RESOLUTION
-    while r <= _PORT_MAX_PROBE:
-        if txn.get(port_key(r, 0)) is not None:
-            stored.append(r)
-        r *= 2
+    stored = [r for r in resolutions(_PORT_MAX_PROBE) if txn.get(port_key(r, 0)) is not None]
     if count <= 0 or not stored:
         raise DatasetError(f"{path}: StyleGAN-port LMDB with no images (length {count})")
     top = stored[-1]
-    resolutions = levels_up_to(top)
-    missing = [r for r in resolutions if r not in stored and r > stored[0]]
+    levels = resolutions(top)
+    missing = [r for r in levels if r not in stored and r > stored[0]]
     if missing:
         raise DatasetError(f"{path}: StyleGAN-port LMDB lacks levels {missing} between {stored[0]} and {top}")
     return Metadata(
         count=count,
-        resolutions=resolutions,
+        resolutions=levels,
         max_resolution=top,
-        codecs={r: "jpeg" for r in resolutions},
+        codecs={r: "jpeg" for r in levels},
         source=f"stylegan-port LMDB {os.path.basename(os.path.normpath(path))}",
         format_version=0,
         layout="stylegan-port",
-        derived=tuple(r for r in resolutions if r < stored[0]),
+        derived=tuple(r for r in levels if r < stored[0]),
         filter="unknown",
         quality=0,
     )

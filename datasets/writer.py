@@ -22,6 +22,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from ..resolutions import is_resolution, resolutions
 from .format import (
     CODECS,
     FORMAT_VERSION,
@@ -32,7 +33,6 @@ from .format import (
     box_downsample,
     encode,
     image_key,
-    levels_up_to,
 )
 from .sources import PrepOptions, SkipImage, Source, demo_source
 
@@ -62,7 +62,9 @@ def plan_levels(max_resolution: int, *, codec: str = "jpeg", raw_max: int = 64,
         raise DatasetError(f"unknown filter {filter!r}; one of {', '.join(FILTERS)}")
     if not 1 <= quality <= 100:
         raise DatasetError(f"JPEG quality must be 1..100, got {quality}")
-    res = levels_up_to(max_resolution)
+    if not is_resolution(int(max_resolution)):
+        raise DatasetError(f"resolution {max_resolution} is not a power of two >= 4")
+    res = resolutions(int(max_resolution))
     return LevelPlan(tuple(res), tuple("raw" if r <= raw_max else codec for r in res), filter, quality)
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..resolutions import is_resolution, resolutions
+
 INITS = ("equalized", "normal")
-
-
-def _is_power_of_two(n: object) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class Stage:
     fading: bool
 
     def __post_init__(self) -> None:
-        if not _is_power_of_two(self.resolution) or self.resolution < 4:
+        if not is_resolution(self.resolution):
             raise ValueError(f"resolution must be a power of two >= 4, got {self.resolution!r}")
         if not isinstance(self.fading, bool):
             raise ValueError(f"fading must be a bool, got {self.fading!r}")
@@ -107,7 +105,7 @@ class Stage:
     @property
     def block_resolutions(self) -> tuple[int, ...]:
         """Resolutions of the growable blocks the networks hold: 8, 16, ..., resolution."""
-        return tuple(2**k for k in range(3, self.resolution.bit_length()))
+        return tuple(resolutions(self.resolution)[1:])
 
     @property
     def rgb_resolutions(self) -> tuple[int, ...]:
@@ -118,9 +116,7 @@ class Stage:
 
 def stage_sequence(max_resolution: int) -> list[Stage]:
     """``[Stage(4, False), Stage(8, True), Stage(8, False), ..., Stage(max_resolution, False)]``."""
-    if not _is_power_of_two(max_resolution) or max_resolution < 4:
-        raise ValueError(f"max_resolution must be a power of two >= 4, got {max_resolution!r}")
     stages = [Stage(4, False)]
-    for k in range(3, max_resolution.bit_length()):
-        stages += [Stage(2**k, True), Stage(2**k, False)]
+    for r in resolutions(max_resolution)[1:]:
+        stages += [Stage(r, True), Stage(r, False)]
     return stages

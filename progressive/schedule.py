@@ -16,11 +16,11 @@ a stable phase of ``stable_kimg`` thousand images; the last stable phase runs un
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..networks import Stage, stage_sequence
+from ..resolutions import is_resolution, resolutions
 
 # PGGAN's CelebA-HQ minibatch sizes (global, all GPUs together) per resolution.
 DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}
@@ -59,7 +59,7 @@ class ScheduleConfig:
         object.__setattr__(self, "batch_per_resolution", _int_keys(self.batch_per_resolution))
         object.__setattr__(self, "per_gpu_batch_cap", _int_keys(self.per_gpu_batch_cap))
         res = self.max_resolution
-        if res < 4 or res & (res - 1):
+        if not is_resolution(res):
             raise ValueError(f"max_resolution must be a power of two >= 4, got {res}")
         if self.fade_kimg <= 0 or self.stable_kimg <= 0:
             raise ValueError("fade_kimg and stable_kimg must be positive")
@@ -101,11 +101,6 @@ class ScheduleState:
     @property
     def phase_name(self) -> str:
         return f"{self.resolution}x{self.resolution} {'fade' if self.fading else 'stable'}"
-
-
-def resolutions(max_resolution: int) -> list[int]:
-    """[4, 8, ..., max_resolution]."""
-    return [2**k for k in range(2, int(math.log2(max_resolution)) + 1)]
 
 
 def phase_boundaries(cfg: ScheduleConfig) -> list[tuple[Stage, int, int]]:

@@ -21,20 +21,16 @@ from triangle.metrics.fid import FIDError
 from triangle.networks import NetworkConfig
 from triangle.progressive.config import TrainConfig, UserError, demo_config
 from triangle.progressive.objective import TERMS, ObjectiveConfig
-from triangle.progressive.schedule import (
-    ScheduleConfig,
-    format_stage_table,
-    resolutions,
-    stage_table,
-)
+from triangle.progressive.schedule import ScheduleConfig, format_stage_table, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
+from triangle.resolutions import is_resolution, resolutions
 
 DEMO = demo_config()
 FULL = TrainConfig()
 
 
 def _power_of_two(ctx, param, value):
-    if value is not None and (value < 4 or value & (value - 1)):
+    if value is not None and not is_resolution(value):
         raise click.BadParameter(f"{value} is not a power of two >= 4 (4, 8, ..., 1024)")
     return value
 

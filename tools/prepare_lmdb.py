@@ -29,6 +29,7 @@ from triangle.datasets import (
     write_lmdb,
 )
 from triangle.datasets.sources import TORCHVISION_SETS
+from triangle.resolutions import is_resolution
 
 
 class Progress:
@@ -162,7 +163,7 @@ def common(max_res_default: int | None):
 
 
 def _check(max_resolution: int, holdout: int | None, workers: int | None) -> None:
-    if max_resolution < 4 or max_resolution & (max_resolution - 1):
+    if not is_resolution(max_resolution):
         raise click.UsageError(f"--max-res {max_resolution} is not a power of two >= 4")
     if holdout is not None and holdout < 0:
         raise click.UsageError("--holdout must be >= 0")
