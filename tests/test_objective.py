@@ -264,17 +264,17 @@ def test_a_few_hundred_iterations_learn_the_toy_problem():
     train, test = toy_images(2048, 10), toy_images(256, 11)
     noise = torch.rand(256, 3, 8, 8) * 2 - 1
 
-    def test_rec_mse():
+    def held_out_rec_mse():
         with torch.no_grad():
             return float(((g(q(test)[0]) - test) ** 2).mean())
 
-    rec_before = test_rec_mse()
+    rec_before = held_out_rec_mse()
     step = TriangleStep(ObjectiveConfig())
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
         idx = torch.randint(0, len(train), (32,), generator=gen)
         step(models, opts, train[idx], torch.randn(32, NET.latent_dim, generator=gen), 1.0)
-    rec_after = test_rec_mse()
+    rec_after = held_out_rec_mse()
     with torch.no_grad():
         f_data, f_noise = f(test), f(noise)
     assert rec_after < 0.5 * rec_before, (rec_before, rec_after)
