@@ -1,6 +1,6 @@
 """Multi-resolution LMDB datasets: format, writer, reader, sampler, sources and the demo set.
 
-Imports nothing from ``networks`` or ``progressive`` (DESIGN §7).
+Imports nothing from ``networks`` or ``progressive`` (docs/design.md, "Where things are").
 """
 
 from .demo import SHAPES, demo_factors, render_demo_image

@@ -1,10 +1,10 @@
-"""Evaluation of trained runs (DESIGN §6): FID/KID through clean-fid, test reconstruction error,
-latent walks, a loader for every network of a checkpoint, and the demo dataset's offline
-sample-quality measure (demo_features.py).
+"""Evaluation of trained runs (docs/design.md, "Evaluation"): FID/KID through clean-fid, test
+reconstruction error, latent walks, a loader for every network of a checkpoint, and the demo
+dataset's offline sample-quality measure (demo_features.py).
 
 Imports ``networks``, ``datasets`` and the checkpoint side of ``progressive``; never ``tools/``
-or ``bench/`` (DESIGN §7). The user commands are tools/fid.py, reconstruct.py, interpolate.py,
-sample.py and train_demo_features.py.
+or ``bench/`` (docs/design.md, "Where things are"). The user commands are tools/fid.py,
+reconstruct.py, interpolate.py, sample.py and train_demo_features.py.
 """
 
 from .checkpoint_models import LoadedCheckpoint, load_checkpoint, resolve_checkpoint

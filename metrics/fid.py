@@ -1,4 +1,6 @@
-"""FID and KID through clean-fid (DESIGN §6), with reference statistics kept next to the data.
+"""FID and KID through clean-fid, with reference statistics kept next to the data.
+
+See docs/design.md, "Evaluation".
 
 The pipeline, in clean-fid's "clean" mode:
 

@@ -2,9 +2,9 @@
 
 For each held-out image ``x`` (in [-1, 1]) the reconstruction is ``g(mu(q(x)))``: the mean of
 q_φ(z|x), no sampling, through the generator. The error reported is the per-pixel mean squared
-error in [-1, 1] units, ``SSE(x, g(mu)) / (3·H·W)`` averaged over the images (DESIGN §6; the
-reference code's objective uses the per-image SSE, 3·H·W times this). The paper's Table 2:
-CIFAR-10 0.028, CelebA 0.030 (VAE 0.037 / 0.039).
+error in [-1, 1] units, ``SSE(x, g(mu)) / (3·H·W)`` averaged over the images (the reference
+code's objective uses the per-image SSE, 3·H·W times this). The paper's Table 2: CIFAR-10
+0.028, CelebA 0.030 (VAE 0.037 / 0.039). See docs/design.md, "Evaluation".
 
 The generator paired with q_φ is the raw one by default: q_φ was trained against it, the EMA
 generator is an average it never saw. Checkpoints written mid-fade evaluate the faded images

@@ -1,7 +1,7 @@
 """The growable networks of the divergence triangle: generator g_θ, energy f_α, inference q_φ.
 
 Imports torch (and the package's own resolutions.py) only; knows nothing of data or training
-(DESIGN §7).
+(docs/design.md, "Where things are").
 """
 
 from .config import NetworkConfig, Stage, stage_sequence

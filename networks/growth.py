@@ -66,7 +66,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Run ``modules`` without parameter gradients; gradients still flow to their inputs.
 
-    For the θ step (DESIGN §5): ``with frozen(energy, inference): loss = -energy(g(z)).mean() ...``;
+    For the θ step (docs/design.md, "One iteration"):
+    ``with frozen(energy, inference): loss = -energy(g(z)).mean() ...``;
     the graph built inside stays free of their parameters even if ``backward`` runs after the
     block. Each parameter's previous ``requires_grad`` is restored on exit.
     """

@@ -1,4 +1,6 @@
-"""The three growable networks: generator g_θ, energy f_α and inference q_φ (DESIGN §1, §3).
+"""The three growable networks: generator g_θ, energy f_α and inference q_φ.
+
+What they are and how they grow and fade: docs/design.md, "The objective" and "Growing".
 
 Parameter names are stable across stages, so a weight keeps its name from the stage that adds
 it to the last one (the trainer can carry Adam moments by name):

@@ -1,8 +1,9 @@
 """Checkpoints: atomic writes, the last K kept, resume, and a public generator loader.
 
 A checkpoint is one file ``checkpoint-<images_seen, 12 digits>.pt`` in the run directory, written
-by the main process only. It holds everything a resume needs (DESIGN §3: the schedule is a pure
-function of the images seen, so nothing else about the schedule is stored):
+by the main process only. It holds everything a resume needs (docs/design.md, "Runs and
+checkpoints"; the schedule is a pure function of the images seen, so nothing else about the
+schedule is stored):
 
 - ``config``: the run's TrainConfig as a dict (what ``training_options.json`` holds);
 - ``images_seen``, ``step``, ``stage`` of the networks it holds, and their last ``fade_alpha``;

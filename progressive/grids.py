@@ -32,7 +32,8 @@ def generate(generator: nn.Module, z: Tensor, fade_alpha: float, batch: int = 64
 
 @torch.no_grad()
 def reconstruct(generator: nn.Module, inference: nn.Module, x: Tensor, fade_alpha: float) -> Tensor:
-    """Rows alternate: held-out images, then ``g(mu(q(x)))`` below them (DESIGN §6, Fig. 10)."""
+    """``g(mu(q(x)))``: the reconstructions the grids show below the held-out images
+    (docs/design.md, "Evaluation"; paper Fig. 10)."""
     mu, _ = inference(x, fade_alpha)
     return generator(mu, fade_alpha)
 

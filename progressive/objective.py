@@ -1,4 +1,4 @@
-"""The divergence triangle objective (paper eq. 13, Algorithm 1; DESIGN §2).
+"""The divergence triangle objective (paper eq. 13, Algorithm 1; docs/design.md, "The objective").
 
     D = KL(Q‖P) + KL(P‖Π) − KL(Q‖Π),   max over α, min over θ and φ,
 
@@ -162,7 +162,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
     return mu + torch.exp(0.5 * logvar) * noise
 
 
-# --- the three step losses (DESIGN §2's table) -----------------------------------------------
+# --- the three step losses (the table above) -------------------------------------------------
 
 
 def energy_loss(f_real: Tensor, f_fake: Tensor, w_drift: float = 0.0, w_level: float = 0.0,

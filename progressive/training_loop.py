@@ -236,7 +236,7 @@ class _Trainer:
         return [self.acc.unwrap_model(m) for m in self.models]
 
     def _release(self) -> None:
-        """Drop every reference to the prepared models and optimisers (DESIGN §3)."""
+        """Drop every reference to the prepared models and optimisers (docs/design.md, "Growing")."""
         self.models = self.optimizers = None
         self.acc.free_memory()  # also runs the garbage collector
 

@@ -1,4 +1,4 @@
-"""The divergence triangle objective and one iteration of Algorithm 1 (DESIGN §2)."""
+"""The divergence triangle objective and one iteration of Algorithm 1 (docs/design.md, "The objective")."""
 
 import copy
 import dataclasses
@@ -154,7 +154,8 @@ def test_fused_phi_theta_gradients_equal_the_separate_losses(kind):
     cfg = ObjectiveConfig(kind=kind, grad_clip=0.0, w_r1=0.0, w_level=0.0)
     t = cfg.terms
     models, opts = make(stage=Stage(8, True))
-    # Reference gradients at the parameters after the α step, from the DESIGN §2 losses.
+    # Reference gradients at the parameters after the α step, from the step losses
+    # (docs/design.md, "The objective").
     x, z, a = toy_images(8, 2), torch.randn(8, NET.latent_dim), 0.3
     ref_models = copy.deepcopy(models)
     g, f, q = ref_models
