@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..networks import Stage, build_network
-from ..progressive.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from ..progressive.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from ..progressive.config import TrainConfig
 
 
@@ -71,23 +71,21 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """The generator (EMA by default, ``ema=False``: raw) and optionally q_φ of a checkpoint."""
     path = resolve_checkpoint(checkpoint_or_run_dir)
-    payload = read_checkpoint(path)
+    checkpoint = Checkpoint.load(path)
     try:
-        cfg = TrainConfig.from_dict(payload["config"])
-        stage = Stage(**payload["stage"])
-        models = payload["models"]
+        cfg = checkpoint.train_config
 
         def build(kind: str, key: str) -> nn.Module:
-            net = build_network(kind, cfg.network, stage)
-            net.load_state_dict(models[key])
+            net = build_network(kind, cfg.network, checkpoint.stage)
+            net.load_state_dict(checkpoint.models[key])
             return net.to(device).eval().requires_grad_(False)
 
         return LoadedCheckpoint(
             path=path,
             config=cfg,
-            stage=stage,
-            fade_alpha=float(payload["fade_alpha"]),
-            images_seen=int(payload["images_seen"]),
+            stage=checkpoint.stage,
+            fade_alpha=checkpoint.fade_alpha,
+            images_seen=checkpoint.images_seen,
             generator=build("generator", "generator_ema" if ema else "generator"),
             inference=build("inference", "inference") if inference else None,
         )

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..datasets import MultiResolutionDataset, read_metadata
 from ..networks import build_network
-from ..progressive.checkpoint import read_checkpoint
+from ..progressive.checkpoint import Checkpoint
 from ..progressive.diagnostics import energy_diagnostics
 from .checkpoint_models import load_checkpoint, resolve_checkpoint
 from .demo_features import DemoReference, load_demo_features
@@ -94,7 +94,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
                                           split="test", count=count, device=device).mse
     if cfg.objective.terms.energy:
         energy = build_network("energy", cfg.network, loaded.stage)
-        energy.load_state_dict(read_checkpoint(path)["models"]["energy"])
+        energy.load_state_dict(Checkpoint.load(path).models["energy"])
         energy = energy.to(device).eval().requires_grad_(False)
         out |= energy_diagnostics(energy, held_out.to(device), samples.to(device), alpha, seed=seed)
     return out

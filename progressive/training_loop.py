@@ -240,25 +240,25 @@ class _Trainer:
         self.models = self.optimizers = None
         self.acc.free_memory()  # also runs the garbage collector
 
-    def _restore(self, payload: dict) -> None:
-        """Networks, EMA, optimisers, counters and RNG states from a checkpoint payload."""
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Networks, EMA, optimisers, counters and RNG states from a checkpoint."""
         self._release()
-        stage = Stage(**payload["stage"])
+        stage = checkpoint.stage
         nets = self._build(stage)
         for kind, net in zip(KINDS, nets, strict=True):
-            net.load_state_dict(payload["models"][kind])
+            net.load_state_dict(checkpoint.models[kind])
         nets = [n.to(self.device) for n in nets]
         self.ema = copy.deepcopy(nets[0]).eval().requires_grad_(False)
-        self.ema.load_state_dict(payload["models"]["generator_ema"])
+        self.ema.load_state_dict(checkpoint.models["generator_ema"])
         opts = self._optimizers(nets)
         for kind, opt in zip(KINDS, opts, strict=True):
-            opt.load_state_dict(payload["optimizers"][kind])
+            opt.load_state_dict(checkpoint.optimizers[kind])
         self._prepare(nets, opts)
         self.stage = stage
-        self.images_seen, self.steps = int(payload["images_seen"]), int(payload["step"])
-        self.lr_scale, self.rollbacks = float(payload["lr_scale"]), int(payload["rollbacks"])
-        self.elapsed_s = float(payload.get("elapsed_s", 0.0))
-        rng = payload["rng"]
+        self.images_seen, self.steps = checkpoint.images_seen, checkpoint.step
+        self.lr_scale, self.rollbacks = checkpoint.lr_scale, checkpoint.rollbacks
+        self.elapsed_s = checkpoint.elapsed_s
+        rng = checkpoint.rng
         if len(rng) == self.world:
             ckpt.restore_rng(rng[self.rank], self.latents)
         else:  # another number of processes: same data stream, fresh per-rank generators
@@ -282,10 +282,10 @@ class _Trainer:
                         f"{self.cfg.max_resolution}x{self.cfg.max_resolution}, "
                         f"{self.world} process(es), device {self.device}")
             return
-        payload = ckpt.read_checkpoint(found)
-        accepted = check_resume_compatible(payload["config"], self.cfg, self.allow_config_change,
+        checkpoint = ckpt.Checkpoint.load(found)
+        accepted = check_resume_compatible(checkpoint.config, self.cfg, self.allow_config_change,
                                            found)
-        saved, images = Stage(**payload["stage"]), int(payload["images_seen"])
+        saved, images = checkpoint.stage, checkpoint.images_seen
         st = schedule(images, self.cfg.schedule, self.world)
         if st.stage.index < saved.index:
             raise UserError(
@@ -293,7 +293,7 @@ class _Trainer:
                 f"before the checkpoint's {stage_label(saved.resolution, saved.fading)}: "
                 "networks cannot shrink; keep the phase lengths up to this point")
         self._accept(images)
-        self._restore(payload)
+        self._restore(checkpoint)
         for line in accepted:
             self._print(f"config change accepted: {line}")
         self._print(f"resumed from {found} at kimg {self.images_seen / 1000:g}, "
@@ -374,27 +374,24 @@ class _Trainer:
             raise DivergenceError(self._divergence_message("weights", "a weight"))
         rng = gather_object([ckpt.capture_rng(self.latents)])
         if self.main:
-            payload = {
-                "format_version": ckpt.FORMAT_VERSION,
-                "config": self.cfg.to_dict(),
-                "images_seen": self.images_seen,
-                "step": self.steps,
-                "stage": dataclasses.asdict(self.stage),
-                "fade_alpha": self._fade_alpha_of_networks(),
-                "world_size": self.world,
-                "models": {k: m.state_dict() for k, m in zip(KINDS, raw, strict=True)}
+            checkpoint = ckpt.Checkpoint(
+                config=self.cfg.to_dict(),
+                images_seen=self.images_seen,
+                step=self.steps,
+                stage=self.stage,
+                fade_alpha=self._fade_alpha_of_networks(),
+                world_size=self.world,
+                models={k: m.state_dict() for k, m in zip(KINDS, raw, strict=True)}
                 | {"generator_ema": self.ema.state_dict()},
-                "optimizers": {k: o.state_dict() for k, o in zip(KINDS, self.optimizers, strict=True)},
-                "rng": rng,
-                "sampler": {"images_seen": self.images_seen, "world_size": self.world,
-                            "rank_position": self.images_seen // self.world, "seed": self.cfg.seed},
-                "lr_scale": self.lr_scale,
-                "rollbacks": self.rollbacks,
-                "elapsed_s": self.elapsed_s,
-                "reason": reason,
-            }
-            path = ckpt.write_checkpoint(payload, ckpt.checkpoint_path(self.run_dir, self.images_seen),
-                                     debug_write_delay_s=self.debug.checkpoint_write_delay_s)
+                optimizers={k: o.state_dict() for k, o in zip(KINDS, self.optimizers, strict=True)},
+                rng=rng,
+                lr_scale=self.lr_scale,
+                rollbacks=self.rollbacks,
+                elapsed_s=self.elapsed_s,
+                reason=reason,
+            )
+            path = checkpoint.save(ckpt.checkpoint_path(self.run_dir, self.images_seen),
+                                   debug_write_delay_s=self.debug.checkpoint_write_delay_s)
             ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
             self._print(f"checkpoint {path.name} ({reason})")
         self.acc.wait_for_everyone()
@@ -636,11 +633,11 @@ class _Trainer:
             raise DivergenceError(self._divergence_message(f"{exc.term} loss", f"the {exc.term} loss")
                                   + " (no checkpoint to roll back to)") from None
         self.acc.wait_for_everyone()
-        payload = ckpt.read_checkpoint(found)
+        checkpoint = ckpt.Checkpoint.load(found)
         rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * self.cfg.rollback_lr_factor
         self._print(f"non-finite {exc.term} loss at step {self.steps} (kimg {self.images_seen / 1000:g}): "
                     f"rolling back to {found.name} with learning rates x{lr_scale:g}")
-        self._restore(payload)
+        self._restore(checkpoint)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         self.last_checkpoint = self.images_seen
         self._new_tick()

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from triangle.datasets import write_demo_lmdb
 from triangle.networks import Stage
-from triangle.progressive.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from triangle.progressive.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from triangle.progressive.schedule import ScheduleConfig, phase_boundaries, stage_table
 from triangle.progressive.train import main
 
@@ -57,19 +57,19 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def final_state(run_dir: str | Path) -> dict:
-    return read_checkpoint(latest_checkpoint(run_dir))
+def final_state(run_dir: str | Path) -> Checkpoint:
+    return Checkpoint.load(latest_checkpoint(run_dir))
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a["images_seen"] == b["images_seen"]
-    for kind, state in a["models"].items():
+def assert_same_weights(a: Checkpoint, b: Checkpoint) -> None:
+    assert a.images_seen == b.images_seen
+    for kind, state in a.models.items():
         for name, tensor in state.items():
-            assert torch.equal(tensor, b["models"][kind][name]), f"{kind}.{name} differs"
-    for kind, state in a["optimizers"].items():
+            assert torch.equal(tensor, b.models[kind][name]), f"{kind}.{name} differs"
+    for kind, state in a.optimizers.items():
         for index, entry in state["state"].items():
             for key, value in entry.items():
-                assert torch.equal(value, b["optimizers"][kind]["state"][index][key]), \
+                assert torch.equal(value, b.optimizers[kind]["state"][index][key]), \
                     f"Adam {kind}[{index}].{key} differs"
 
 
@@ -118,10 +118,10 @@ def test_cpu_run_4_to_16_rebuilds_on_schedule_and_fills_the_run_dir(reference):
             assert f"{tick:09d}-{kind}.png" in grids
     checkpoints = list_checkpoints(run_dir)
     assert len(checkpoints) == 3 and checkpoints[-1].name == f"checkpoint-{TOTAL:012d}.pt"
-    final = read_checkpoint(checkpoints[-1])
-    assert final["stage"] == {"resolution": 16, "fading": False}
-    assert set(final["models"]) == {"generator", "energy", "inference", "generator_ema"}
-    assert len(final["rng"]) == 1 and final["sampler"]["images_seen"] == TOTAL
+    final = Checkpoint.load(checkpoints[-1])
+    assert final.stage == Stage(16, False) and final.fade_alpha == 1.0
+    assert set(final.models) == {"generator", "energy", "inference", "generator_ema"}
+    assert len(final.rng) == 1 and final.images_seen == TOTAL and final.world_size == 1
     # A finished run re-run does nothing.
     again = run_cli(["--data", str(Path(options["data"])), "--run-dir", str(run_dir), *TINY])
     assert again.exit_code == 0 and "complete" in again.output
@@ -171,8 +171,8 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_weights(data, refer
     time.sleep(rng.uniform(0.0, 0.3))
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    resumed = read_checkpoint(latest_checkpoint(run_dir))
-    assert resumed["images_seen"] < TOTAL
+    resumed = final_state(run_dir)
+    assert resumed.images_seen < TOTAL
 
     # 3. Killed during a later checkpoint write, after a random number of them.
     before = {c.name for c in list_checkpoints(run_dir)}
@@ -182,7 +182,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_weights(data, refer
     p.wait()
     assert {c.name for c in list_checkpoints(run_dir)} == before
     for c in list_checkpoints(run_dir):
-        read_checkpoint(c)  # every visible checkpoint is complete
+        Checkpoint.load(c)  # every visible checkpoint is complete
 
     # 4. The same command again finishes the run, bit for bit as if never interrupted.
     p = _start(command)
@@ -225,9 +225,9 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(refe
         assert m["world_size"] == 2 and m["per_gpu_batch"] * 2 == m["global_batch"]
         assert m["global_batch"] == single[(m["resolution"], m["fading"])]
     final = final_state(run_dir)
-    assert final["images_seen"] == TOTAL and len(final["rng"]) == 2
-    assert not torch.equal(final["rng"][0]["latent"], final["rng"][1]["latent"])  # per-rank z
-    cfg = ScheduleConfig.from_dict(final["config"]["schedule"])
+    assert final.images_seen == TOTAL and len(final.rng) == 2 and final.world_size == 2
+    assert not torch.equal(final.rng[0]["latent"], final.rng[1]["latent"])  # per-rank z
+    cfg = final.train_config.schedule
     assert [r["global_batch"] for r in stage_table(cfg, 2)] == [r["global_batch"] for r in stage_table(cfg, 1)]
 
 
@@ -235,7 +235,7 @@ def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path):
     run_dir = tmp_path / "ranks2-resumed"
     command = ["--data", data, "--run-dir", str(run_dir), *TINY]
     launch_two_ranks([*command, "--debug-stop-at-kimg", "0.2"])  # stops mid-fade, 16 past a checkpoint
-    assert read_checkpoint(latest_checkpoint(run_dir))["images_seen"] == 192
+    assert final_state(run_dir).images_seen == 192
     out = launch_two_ranks(command).stdout
     assert "resumed from" in out and "checkpoint-000000000192.pt" in out
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
@@ -250,9 +250,9 @@ def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
     assert "Traceback" not in result.output
     checkpoints = list_checkpoints(run_dir)
     assert checkpoints and not list(run_dir.glob(".checkpoint-*"))
-    last = read_checkpoint(checkpoints[-1])
-    assert last["images_seen"] == 96  # the last good one, before the NaN at 0.1 kimg
-    for state in last["models"].values():
+    last = Checkpoint.load(checkpoints[-1])
+    assert last.images_seen == 96  # the last good one, before the NaN at 0.1 kimg
+    for state in last.models.values():
         assert all(torch.isfinite(t).all() for t in state.values())
 
     # The roll-back option reloads it with lower learning rates and finishes.
@@ -260,7 +260,7 @@ def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
                       "--nan-policy", "rollback", "--allow-config-change"])
     assert result.exit_code == 0, result.output
     assert "rolling back" in result.output
-    assert read_checkpoint(latest_checkpoint(run_dir))["lr_scale"] == 0.5
+    assert final_state(run_dir).lr_scale == 0.5
 
 
 def test_a_nan_on_one_rank_stops_both_ranks(data, tmp_path):
@@ -271,9 +271,9 @@ def test_a_nan_on_one_rank_stops_both_ranks(data, tmp_path):
                              "--debug-nan-at-kimg", "0.1", "--debug-nan-rank", "1"], check=False)
     assert proc.returncode != 0
     assert "non-finite" in proc.stdout + proc.stderr
-    last = read_checkpoint(latest_checkpoint(run_dir))
-    assert last["images_seen"] == 96
-    for state in last["models"].values():
+    last = final_state(run_dir)
+    assert last.images_seen == 96
+    for state in last.models.values():
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -306,7 +306,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_p
     accepted = run_cli([*longer, "--allow-config-change"])
     assert accepted.exit_code == 0, accepted.output
     assert "config change accepted" in accepted.output
-    assert read_checkpoint(latest_checkpoint(run_dir))["images_seen"] == 400
+    assert final_state(run_dir).images_seen == 400
     assert (run_dir / "DONE").read_text().strip() == "400"
 
 
@@ -352,7 +352,7 @@ def test_the_tools_loader_gives_the_ema_generator_at_its_stage(reference):
     assert loaded.latent_dim == 8 and not generator.training
     images = generator(torch.randn(2, loaded.latent_dim), alpha)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
-    saved = read_checkpoint(latest_checkpoint(reference))["models"]["generator_ema"]
+    saved = final_state(reference).models["generator_ema"]
     assert all(torch.equal(v, saved[k]) for k, v in generator.state_dict().items())
 
 
