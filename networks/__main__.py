@@ -1,9 +1,12 @@
-"""``python -m triangle.networks [max_resolution]``: widths and parameter counts per stage."""
+"""``python -m triangle.networks [max_resolution]``: widths and parameter counts per stage.
+
+Plain ``argparse``: the library imports no click (docs/design.md, "Where things are")."""
 
 from __future__ import annotations
 
-import sys
+import argparse
 
+from ..resolutions import is_resolution
 from . import NetworkConfig, build_network, parameter_count, rebuild_network, stage_sequence
 
 
@@ -21,5 +24,21 @@ def main(max_resolution: int = 1024) -> None:
         print(f"{name:>12} {cfg.channels(stage.resolution):>8} {counts}")
 
 
+def _resolution(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not is_resolution(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two >= 4 (4, 8, ..., 1024)")
+    return value
+
+
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    parser = argparse.ArgumentParser(
+        prog="python -m triangle.networks",
+        description="Widths and parameter counts of the generator, energy and inference models at "
+                    "every stage up to MAX_RESOLUTION, with the default network configuration.")
+    parser.add_argument("max_resolution", nargs="?", type=_resolution, default=1024,
+                        metavar="MAX_RESOLUTION", help="the last stage's resolution (default 1024)")
+    main(parser.parse_args().max_resolution)

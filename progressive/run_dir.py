@@ -25,6 +25,7 @@ import psutil
 import torch
 
 OPTIONS_FILE = "training_options.json"
+DEMO_DATA = "demo.lmdb"  # the demo dataset's folder inside the run directory (runs without --data)
 
 
 class JsonLines:

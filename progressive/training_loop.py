@@ -50,6 +50,7 @@ from .diagnostics import energy_diagnostics, latent_diagnostics
 from .ema import copy_missing, ema_beta, update_ema
 from .grids import generate, interleave_rows, reconstruct, save_images
 from .run_dir import (
+    DEMO_DATA,
     OPTIONS_FILE,
     Console,
     JsonLines,
@@ -73,7 +74,6 @@ from .step import (
 )
 
 KINDS = ("generator", "energy", "inference")
-DEMO_DATA = "demo.lmdb"  # the demo dataset's folder inside the run directory
 EVAL_IMAGES = 512  # held-out images and fixed-z samples behind the per-tick diagnostics
 
 

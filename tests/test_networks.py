@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,14 @@ def test_the_generator_sees_only_the_direction_of_z_unless_told_otherwise():
             g.head.dense.bias.fill_(0.5)  # at a zero bias the next pixel norm hides z's scale too
             same = torch.allclose(g(z), g(3 * z), atol=1e-5)
         assert same == normalize
+
+
+def test_the_parameter_table_command():
+    """``python -m triangle.networks R`` (the README's table), and a one-line error for a bad R."""
+    out = subprocess.run([sys.executable, "-m", "triangle.networks", "8"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[1].split() == ["stage", "channels", "generator", "energy", "inference"]
+    assert [line.split()[0] for line in out[2:]] == ["4", "8", "8"]
+    bad = subprocess.run([sys.executable, "-m", "triangle.networks", "12"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "12 is not a power of two" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,14 +30,6 @@ import click
 import torch
 
 from triangle.datasets import SHAPES, MultiResolutionDataset, read_metadata
-from triangle.metrics.cli import (
-    checkpoint_argument,
-    device_option,
-    load,
-    one_line_errors,
-    resolve_device,
-    run_data,
-)
 from triangle.metrics.demo_features import DemoFeatures, DemoQuality, DemoReference
 from triangle.metrics.fid import (
     INCEPTION_FILE,
@@ -46,6 +39,16 @@ from triangle.metrics.fid import (
     default_stats_dir,
     fid_of_generator,
     generated_images,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
+from _cli import (  # noqa: E402
+    checkpoint_argument,
+    device_option,
+    load,
+    one_line_errors,
+    resolve_device,
+    run_data,
 )
 
 FEATURES = ("inception", "demo", "random-conv")

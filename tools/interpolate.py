@@ -10,22 +10,25 @@ Small resolutions are enlarged (nearest) to at least 64 pixels per image in the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 import torch
 
 from triangle.datasets import MultiResolutionDataset
-from triangle.metrics.cli import (
+from triangle.metrics.interpolation import MODES, latent_walks, random_endpoints
+from triangle.metrics.reconstruction import dataset_images
+from triangle.progressive.grids import generate, save_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
+from _cli import (  # noqa: E402
     checkpoint_argument,
     device_option,
     load,
     one_line_errors,
     resolve_device,
 )
-from triangle.metrics.interpolation import MODES, latent_walks, random_endpoints
-from triangle.metrics.reconstruction import dataset_images
-from triangle.progressive.grids import generate, save_images
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

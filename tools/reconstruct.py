@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from triangle.datasets import MultiResolutionDataset
-from triangle.metrics.cli import (
+from triangle.metrics.reconstruction import dataset_images, reconstruction_error
+from triangle.progressive.grids import interleave_rows, reconstruct, save_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
+from _cli import (  # noqa: E402
     checkpoint_argument,
     device_option,
     load,
@@ -27,8 +32,6 @@ from triangle.metrics.cli import (
     resolve_device,
     run_data,
 )
-from triangle.metrics.reconstruction import dataset_images, reconstruction_error
-from triangle.progressive.grids import interleave_rows, reconstruct, save_images
 
 
 def _grid_shape(text: str) -> tuple[int, int]:

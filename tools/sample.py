@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import click
 import torch
 
-from triangle.metrics.cli import checkpoint_argument, device_option, load, resolve_device
 from triangle.progressive.grids import generate, save_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
+from _cli import checkpoint_argument, device_option, load, resolve_device  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,6 +2,10 @@
 
 Every expected failure (a wrong path, a file that is not a checkpoint, a missing Inception
 file, a dataset without a test split) becomes one line through ``click.ClickException``.
+
+Not a library module (the library imports no click): each tool puts its own folder first on
+``sys.path`` and imports this file as ``_cli``, which works both when it runs as a script and
+when a test loads it by its file path.
 """
 
 from __future__ import annotations
@@ -14,12 +18,11 @@ from pathlib import Path
 import click
 import torch
 
-from ..datasets import DatasetError
-from ..progressive.checkpoint import CheckpointError
-from .checkpoint_models import LoadedCheckpoint, load_checkpoint
-from .fid import FIDError
-
-DEMO_DATA = "demo.lmdb"  # where progressive/train.py renders the demo dataset inside a run dir
+from triangle.datasets import DatasetError
+from triangle.metrics.checkpoint_models import LoadedCheckpoint, load_checkpoint
+from triangle.metrics.fid import FIDError
+from triangle.progressive.checkpoint import CheckpointError
+from triangle.progressive.run_dir import DEMO_DATA
 
 
 @contextlib.contextmanager
