@@ -93,8 +93,8 @@ class _Runner:
     def __init__(self, cfg: ObjectiveConfig, models: TrainModels, optimizers: TrainOptimizers,
                  fade_alpha: float, accelerator: Any):
         self.cfg, self.terms = cfg, cfg.terms
-        self.wrapped, self.opt, self.a = models, optimizers, fade_alpha
-        self.acc = accelerator
+        self.wrapped, self.optimizers, self.fade_alpha = models, optimizers, fade_alpha
+        self.accelerator = accelerator
         unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
         self.raw = TrainModels(*(unwrap(m) for m in models))
         # Whether q(x) goes through the wrapped inference network (φ learns from it); if not,
@@ -105,7 +105,7 @@ class _Runner:
 
     # -- plumbing ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
     def check(self, name: str, loss: Tensor) -> None:
         """Raise NonFiniteLossError on every rank if ``loss`` is not finite on any rank.
@@ -113,8 +113,8 @@ class _Runner:
         Every rank must stop together: a rank that stopped alone would leave the others
         waiting in the next all-reduce until the timeout."""
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.acc is not None and self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad, reduction="max")
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
         if bool(bad.item()):
             raise NonFiniteLossError(name, float(loss.detach()))
 
@@ -122,26 +122,26 @@ class _Runner:
         """Check ``loss``, backpropagate it and step the optimisers of ``names``."""
         self.check(name, loss)
         for n in names:
-            getattr(self.opt, n).zero_grad(set_to_none=True)
-        if self.acc is not None:
-            self.acc.backward(loss)
+            getattr(self.optimizers, n).zero_grad(set_to_none=True)
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
         else:
             loss.backward()
         for n in names:
             params = [p for p in getattr(self.raw, n).parameters() if p.grad is not None]
             if self.cfg.grad_clip > 0:
-                clip = (self.acc.clip_grad_norm_ if self.acc is not None
+                clip = (self.accelerator.clip_grad_norm_ if self.accelerator is not None
                         else torch.nn.utils.clip_grad_norm_)
                 norm = clip(params, self.cfg.grad_clip)
             else:
                 norm = torch.linalg.vector_norm(
                     torch.stack([p.grad.detach().norm() for p in params]))
             self.metrics[f"grad_norm_{n}"] = norm.detach()
-            getattr(self.opt, n).step()
+            getattr(self.optimizers, n).step()
 
     # -- the iteration ----------------------------------------------------------------------
     def iteration(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
-        cfg, t, a = self.cfg, self.terms, self.a
+        cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
         g, f, q = self.wrapped
         rec_scale = cfg.rec_scale(x.shape[-1])
 
@@ -150,7 +150,7 @@ class _Runner:
             z_rec = mu = logvar = None
             if t.needs_posterior_sample:
                 with contextlib.nullcontext() if self.q_real_wrapped else torch.no_grad():
-                    mu, logvar = (q if self.q_real_wrapped else self.raw.inference)(x, a)
+                    mu, logvar = (q if self.q_real_wrapped else self.raw.inference)(x, fade_alpha)
                 z_rec = reparameterize(mu, logvar, torch.randn_like(mu))
                 if not t.inference_rec:
                     z_rec = z_rec.detach()
@@ -158,16 +158,16 @@ class _Runner:
             needs_fake = t.energy or t.uses_latent_nll
             if z_rec is not None and cfg.fused:
                 zs = [z, z_rec.to(z.dtype)] if needs_fake else [z_rec.to(z.dtype)]
-                out = g(torch.cat(zs), a).split(len(z))
+                out = g(torch.cat(zs), fade_alpha).split(len(z))
                 x_fake, x_rec = out if needs_fake else (None, out[0])
             else:
-                x_fake, x_rec = g(z, a), None
+                x_fake, x_rec = g(z, fade_alpha), None
 
             # α step: mean f(x̃) − mean f(x), no graph through g.
             if t.energy:
                 # R1 needs ∇ₓf(x): a leaf copy of x, so that x itself stays a constant below.
                 x_e = x.detach().requires_grad_(True) if cfg.w_r1 else x
-                f_real, f_fake_old = f(torch.cat([x_e, x_fake.detach()]), a).split(len(x))
+                f_real, f_fake_old = f(torch.cat([x_e, x_fake.detach()]), fade_alpha).split(len(x))
                 r1 = None
                 if cfg.w_r1:
                     (grad,) = torch.autograd.grad(f_real.float().sum(), x_e, create_graph=True)
@@ -190,7 +190,7 @@ class _Runner:
 
     def fused_phi_theta(self, x, z, x_fake, x_rec, mu, logvar, rec_scale) -> None:
         """φ and θ steps from one backward (module docstring: what is shared, and why)."""
-        cfg, t, a = self.cfg, self.terms, self.a
+        cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
         with self.autocast():
             rec = sum_squared_error(x, x_rec) * rec_scale if x_rec is not None else None
             kl = kl_term(mu, logvar, cfg.kl_reduction) if t.inference_kl else None
@@ -198,11 +198,11 @@ class _Runner:
             if t.uses_latent_nll:
                 q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
                 x_in = x_fake if t.generator_lat else x_fake.detach()
-                lat_nll = gaussian_nll(z, *q_fake(x_in, a))
+                lat_nll = gaussian_nll(z, *q_fake(x_in, fade_alpha))
             f_fake = None
             if t.generator_energy:
                 with frozen(self.raw.energy):
-                    f_fake = self.raw.energy(x_fake, a)  # scored by the updated energy
+                    f_fake = self.raw.energy(x_fake, fade_alpha)  # scored by the updated energy
             loss_phi = inference_loss(cfg, rec, kl, lat_nll)
             loss_theta = generator_loss(cfg, rec, f_fake, lat_nll)
             shared = _shared_loss(cfg, rec, kl, lat_nll, f_fake)
@@ -212,17 +212,17 @@ class _Runner:
 
     def strict_phi(self, x, z, x_fake, z_rec, mu, logvar, rec_scale) -> None:
         """φ step of Algorithm 1 with its own passes; θ gets no gradient from it."""
-        cfg, t, a = self.cfg, self.terms, self.a
+        cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
         with self.autocast():
             rec = kl = lat_nll = None
             if t.inference_rec:
                 with frozen(self.raw.generator):
-                    rec = sum_squared_error(x, self.raw.generator(z_rec, a)) * rec_scale
+                    rec = sum_squared_error(x, self.raw.generator(z_rec, fade_alpha)) * rec_scale
             if t.inference_kl:
                 kl = kl_term(mu, logvar, cfg.kl_reduction)
             if t.inference_lat:
                 q_fake = self.raw.inference if self.q_real_wrapped else self.wrapped.inference
-                lat_nll = gaussian_nll(z, *q_fake(x_fake.detach(), a))
+                lat_nll = gaussian_nll(z, *q_fake(x_fake.detach(), fade_alpha))
             loss_phi = inference_loss(cfg, rec, kl, lat_nll)
         self._record(x, rec, rec_scale, kl, lat_nll, loss_phi, None)
         self.apply("inference", loss_phi, "inference")
@@ -232,7 +232,7 @@ class _Runner:
 
         The wrapped generator is called once per backward: for x̃ (and g(z̃)) when x̃ is
         recomputed, else x̃ already came from it and g(z̃) uses the unwrapped module."""
-        cfg, t, a = self.cfg, self.terms, self.a
+        cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
         with self.autocast():
             rec = f_fake = lat_nll = None
             zs = [] if x_fake is not None else [z]
@@ -240,17 +240,17 @@ class _Runner:
                 zs.append(z_rec.detach().to(z.dtype))
             if zs:
                 generator = self.wrapped.generator if x_fake is None else self.raw.generator
-                out = generator(torch.cat(zs), a).split(len(z))
+                out = generator(torch.cat(zs), fade_alpha).split(len(z))
                 if x_fake is None:
                     x_fake, out = out[0], out[1:]
                 if t.generator_rec:
                     rec = sum_squared_error(x, out[0]) * rec_scale
             if t.generator_energy:
                 with frozen(self.raw.energy):
-                    f_fake = self.raw.energy(x_fake, a)
+                    f_fake = self.raw.energy(x_fake, fade_alpha)
             if t.generator_lat:
                 with frozen(self.raw.inference):
-                    lat_nll = gaussian_nll(z, *self.raw.inference(x_fake, a))
+                    lat_nll = gaussian_nll(z, *self.raw.inference(x_fake, fade_alpha))
             loss_theta = generator_loss(cfg, rec, f_fake, lat_nll)
         self.metrics["loss_generator"] = loss_theta.detach()
         self.apply("generator", loss_theta, "generator")
