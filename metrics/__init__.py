@@ -13,6 +13,7 @@ from .demo_features import (
     DemoFeatures,
     DemoQuality,
     DemoReference,
+    DemoRunScorer,
     demo_quality,
     load_demo_features,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "DemoFeatures",
     "DemoQuality",
     "DemoReference",
+    "DemoRunScorer",
     "FIDError",
     "FIDResult",
     "FeatureStats",

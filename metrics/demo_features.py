@@ -654,6 +654,30 @@ class DemoReference:
         return cls(images(held), images(train), net, confidence=confidence)
 
 
+class DemoRunScorer:
+    """The per-tick sample-quality score of a demo training run: ``progressive/train.py`` passes
+    ``functools.partial(DemoRunScorer, data_count=..., seed=..., top=...)`` to ``training_loop``,
+    which calls it with the device when the run starts (``progressive/reporter.py``'s
+    ``ScorerFactory``). :meth:`score` rates EMA samples at any resolution against a
+    :meth:`DemoReference.for_demo` reference built at the first score at that resolution, with
+    as many images as the samples scored."""
+
+    def __init__(self, device: str | torch.device = "cpu", *, data_count: int = 2000,
+                 seed: int = 0, top: int = 64) -> None:
+        self.net = load_demo_features(device=device)  # FIDError (one line) if missing
+        self.data_count, self.seed, self.top = data_count, seed, top
+        self.references: dict[int, DemoReference] = {}  # per resolution
+
+    def score(self, samples: Tensor) -> DemoQuality:
+        """Rate ``samples`` (N x 3 x R x R in [-1, 1], N >= 2)."""
+        r = samples.shape[-1]
+        if r not in self.references:
+            self.references[r] = DemoReference.for_demo(
+                r, self.net, count=len(samples), data_count=self.data_count, seed=self.seed,
+                top=self.top)
+        return self.references[r].score(samples)
+
+
 def demo_quality(samples: Tensor, reference: Tensor, net: DemoFeatureNet | None = None,
                  floor_images: Tensor | None = None, confidence: float = 0.9) -> DemoQuality:
     """One-shot :meth:`DemoReference.score` (recomputes the reference; to score many batches,
