@@ -42,14 +42,7 @@ from triangle.metrics.fid import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
-from _cli import (  # noqa: E402
-    checkpoint_argument,
-    device_option,
-    load,
-    one_line_errors,
-    resolve_device,
-    run_data,
-)
+import _cli  # noqa: E402
 
 FEATURES = ("inception", "demo", "random-conv")
 
@@ -84,7 +77,7 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@checkpoint_argument
+@_cli.checkpoint_argument
 @click.option("--data", type=click.Path(), default=None,
               help="Multi-resolution LMDB  [default: the run's dataset]")
 @click.option("--num-samples", type=click.IntRange(min=2), default=10_000, show_default=True,
@@ -102,7 +95,7 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
                    "floor and noise); random-conv: a seeded random network (smoke tests only). "
                    "Only inception is comparable with published numbers.  [default: inception]")
 @click.option("--extractor", type=click.Choice(FEATURES), default=None, hidden=True)  # old name
-@device_option
+@_cli.device_option
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
               help="Workers resizing images to 299 (DataLoader processes for the data, threads for samples).")
@@ -114,10 +107,10 @@ def main(checkpoint, data, num_samples, split, num_real, inception, features_nam
          device, batch, workers, ema, seed, stats_dir):
     """FID and KID of RUN_DIR_OR_CHECKPOINT's generator (a run dir: its newest checkpoint)."""
     features_name = features_name or extractor or "inception"
-    device = resolve_device(device)
-    loaded = load(checkpoint, ema=ema, device=device)
-    data = run_data(loaded, data)
-    with one_line_errors():
+    device = _cli.resolve_device(device)
+    loaded = _cli.load(checkpoint, ema=ema, device=device)
+    data = _cli.run_data(loaded, data)
+    with _cli.one_line_errors():
         if features_name == "random-conv":
             features = RandomConvFeatures(device=device)
         elif features_name == "demo":

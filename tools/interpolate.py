@@ -22,17 +22,11 @@ from triangle.metrics.reconstruction import dataset_images
 from triangle.progressive.grids import generate, save_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
-from _cli import (  # noqa: E402
-    checkpoint_argument,
-    device_option,
-    load,
-    one_line_errors,
-    resolve_device,
-)
+import _cli  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@checkpoint_argument
+@_cli.checkpoint_argument
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="PNG  [default: RUN_DIR/interpolation-<images seen>-<mode>.png]")
 @click.option("--rows", type=click.IntRange(min=1), default=4, show_default=True,
@@ -45,18 +39,18 @@ from _cli import (  # noqa: E402
               metavar="LMDB I J", help="Walk between mu(q(x_I)) and mu(q(x_J)); repeat for more rows.")
 @click.option("--split", type=click.Choice(["all", "train", "test"]), default="all", show_default=True,
               help="Split that I and J index.")
-@device_option
+@_cli.device_option
 @click.option("--ema/--raw", default=None,
               help="Generator weights  [default: EMA for random endpoints, raw (q_φ's partner) "
                    "with --from-images]")
 def main(checkpoint, out, rows, steps, seed, mode, from_images, split, device, ema):
     """Latent interpolation strips from RUN_DIR_OR_CHECKPOINT (a run dir: its newest checkpoint)."""
-    device = resolve_device(device)
+    device = _cli.resolve_device(device)
     ema = (not from_images) if ema is None else ema
-    loaded = load(checkpoint, ema=ema, inference=bool(from_images), device=device)
+    loaded = _cli.load(checkpoint, ema=ema, inference=bool(from_images), device=device)
     a, res = loaded.fade_alpha, loaded.resolution
     if from_images:
-        with one_line_errors():
+        with _cli.one_line_errors():
             x0, x1 = [], []
             for data, i, j in from_images:
                 ds = MultiResolutionDataset(data, split=split)

@@ -24,14 +24,7 @@ from triangle.metrics.reconstruction import dataset_images, reconstruction_error
 from triangle.progressive.grids import interleave_rows, reconstruct, save_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
-from _cli import (  # noqa: E402
-    checkpoint_argument,
-    device_option,
-    load,
-    one_line_errors,
-    resolve_device,
-    run_data,
-)
+import _cli  # noqa: E402
 
 
 def _grid_shape(text: str) -> tuple[int, int]:
@@ -45,7 +38,7 @@ def _grid_shape(text: str) -> tuple[int, int]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@checkpoint_argument
+@_cli.checkpoint_argument
 @click.option("--data", type=click.Path(), default=None, help="Multi-resolution LMDB  [default: the run's dataset]")
 @click.option("--split", type=click.Choice(["test", "train", "all"]), default="test", show_default=True)
 @click.option("--count", type=click.IntRange(min=1), default=None,
@@ -54,18 +47,18 @@ def _grid_shape(text: str) -> tuple[int, int]:
               help="Grid PNG  [default: RUN_DIR/reconstructions-<images seen>.png]")
 @click.option("--grid", "grid", default="8x4", show_default=True,
               help="COLSxROWS pairs in the grid: each row of test images has its reconstructions below.")
-@device_option
+@_cli.device_option
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--ema/--raw", default=False, show_default=True,
               help="Generator weights paired with q_φ (it was trained against the raw one).")
 def main(checkpoint, data, split, count, out, grid, device, batch, ema):
     """Per-pixel test MSE of RUN_DIR_OR_CHECKPOINT (a run dir: its newest checkpoint) and a grid PNG."""
     cols, rows = _grid_shape(grid)
-    device = resolve_device(device)
-    loaded = load(checkpoint, ema=ema, inference=True, device=device)
-    data = run_data(loaded, data)
+    device = _cli.resolve_device(device)
+    loaded = _cli.load(checkpoint, ema=ema, inference=True, device=device)
+    data = _cli.run_data(loaded, data)
     g, q, a, res = loaded.generator, loaded.inference, loaded.fade_alpha, loaded.resolution
-    with one_line_errors():
+    with _cli.one_line_errors():
         r = reconstruction_error(g, q, data, res, a, split=split, count=count, batch=batch, device=device)
         ds = MultiResolutionDataset(data, split=split)
         x = dataset_images(ds, res, range(min(cols * rows, len(ds))), a).to(device)

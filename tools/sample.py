@@ -16,22 +16,22 @@ import torch
 from triangle.progressive.grids import generate, save_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
-from _cli import checkpoint_argument, device_option, load, resolve_device  # noqa: E402
+import _cli  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@checkpoint_argument
+@_cli.checkpoint_argument
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="PNG  [default: RUN_DIR/samples-<images seen>-seed<seed>.png]")
 @click.option("--num", type=click.IntRange(min=1), default=64, show_default=True, help="Samples.")
 @click.option("--nrow", type=click.IntRange(min=1), default=None, help="Images per row  [default: sqrt(num)]")
 @click.option("--seed", type=int, default=0, show_default=True)
-@device_option
+@_cli.device_option
 @click.option("--ema/--raw", default=True, show_default=True, help="EMA or raw generator weights.")
 def main(checkpoint, out, num, nrow, seed, device, ema):
     """A PNG grid of samples from RUN_DIR_OR_CHECKPOINT (a run dir: its newest checkpoint)."""
-    device = resolve_device(device)
-    loaded = load(checkpoint, ema=ema, device=device)
+    device = _cli.resolve_device(device)
+    loaded = _cli.load(checkpoint, ema=ema, device=device)
     z = torch.randn(num, loaded.latent_dim, generator=torch.Generator().manual_seed(seed))
     out = out or loaded.run_dir / f"samples-{loaded.images_seen:012d}-seed{seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
