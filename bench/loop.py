@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import torch
 
-from triangle.progressive.train import build_config
+from triangle.progressive.train import build_config, sample_scorer
 from triangle.progressive.train import main as train_command
 from triangle.progressive.training_loop import training_loop
 
@@ -73,7 +73,7 @@ def main(ctx: click.Context, seconds: float) -> None:
         for key in [k for k in params if k.startswith("debug_")] + ["dry_run", "allow_config_change"]:
             params.pop(key)
         cfg, _ = build_config(params)
-        training_loop(cfg)
+        training_loop(cfg, sample_scorer=sample_scorer(cfg))  # the demo's score, as in train.py
         rows = phase_rows(Path(cfg.run_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bare = {}

@@ -24,6 +24,10 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..files import write_json_atomic
+from .checkpoint import remove_stale_temporaries
+from .config import TrainConfig
+
 OPTIONS_FILE = "training_options.json"
 DEMO_DATA = "demo.lmdb"  # the demo dataset's folder inside the run directory (runs without --data)
 
@@ -59,12 +63,15 @@ def truncate_jsonl(path: str | os.PathLike, images_seen: int) -> None:
 
 
 class Console:
-    """Progress lines to stdout and to ``log.txt`` (main process only)."""
+    """Progress lines to stdout and to ``log.txt``; silent on every process but the main one."""
 
-    def __init__(self, run_dir: str | os.PathLike | None) -> None:
-        self._fh = open(Path(run_dir) / "log.txt", "a", buffering=1) if run_dir else None
+    def __init__(self, run_dir: str | os.PathLike | None, main: bool = True) -> None:
+        self._main = main
+        self._fh = open(Path(run_dir) / "log.txt", "a", buffering=1) if run_dir and main else None
 
     def print(self, line: str) -> None:
+        if not self._main:
+            return
         print(line, flush=True)
         if self._fh:
             self._fh.write(line + "\n")
@@ -72,6 +79,27 @@ class Console:
     def close(self) -> None:
         if self._fh:
             self._fh.close()
+
+
+def open_run_dir(run_dir: Path, main: bool) -> Console:
+    """Create the run directory and its ``grids/`` (main process), remove what a crash during a
+    checkpoint write left, and open the console."""
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "grids").mkdir(exist_ok=True)
+        remove_stale_temporaries(run_dir)
+    return Console(run_dir, main)
+
+
+def accept_run_dir(run_dir: Path, cfg: TrainConfig, checkpoint_images: int, total: int) -> None:
+    """Once the run directory is known to belong to ``cfg`` (main process): write its options,
+    reopen a finished run that ``cfg`` lengthens, and drop the log records past the checkpoint
+    the run continues from (those of a killed session)."""
+    write_json_atomic(run_dir / OPTIONS_FILE, cfg.to_dict())
+    if checkpoint_images < total:  # e.g. a finished run given a longer schedule
+        (run_dir / "DONE").unlink(missing_ok=True)
+    for name in ("metrics.jsonl", "stages.jsonl"):
+        truncate_jsonl(run_dir / name, checkpoint_images)
 
 
 def stage_label(resolution: int, fading: bool) -> str:

@@ -77,6 +77,20 @@ class ScheduleConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LearningRates:
+    """The three networks' learning rates, always by name (the command line lists them g, i, e;
+    the networks and their optimisers come as generator, energy, inference)."""
+
+    generator: float
+    energy: float
+    inference: float
+
+    def scaled(self, factor: float) -> LearningRates:
+        return LearningRates(generator=self.generator * factor, energy=self.energy * factor,
+                             inference=self.inference * factor)
+
+
 @dataclass(frozen=True)
 class ScheduleState:
     """Everything the trainer needs at one moment of training."""
@@ -85,9 +99,7 @@ class ScheduleState:
     fade_alpha: float  # in [0, 1): the weight of the new layers during a fade; 1.0 when stable
     global_batch: int  # images in this step, all ranks together (a multiple of world_size)
     per_gpu_batch: int  # global_batch // world_size
-    lr_generator: float
-    lr_inference: float
-    lr_energy: float
+    learning_rates: LearningRates  # the configured rates after the decay (before any roll-back)
     done: bool  # images_seen has reached the total
 
     @property
@@ -161,9 +173,9 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
         fade_alpha=fade_alpha,
         global_batch=global_batch,
         per_gpu_batch=per_gpu,
-        lr_generator=cfg.lr_generator * decay,
-        lr_inference=cfg.lr_inference * decay,
-        lr_energy=cfg.lr_energy * decay,
+        learning_rates=LearningRates(generator=cfg.lr_generator * decay,
+                                     energy=cfg.lr_energy * decay,
+                                     inference=cfg.lr_inference * decay),
         done=done,
     )
 

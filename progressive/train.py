@@ -4,12 +4,15 @@
     python progressive/train.py                      # the built-in demo, ~5 minutes on a CPU
 
 This file only parses and validates the command line, builds the ``TrainConfig``, prints it
-(``--dry-run`` stops there, after the stage table) and calls ``training_loop``. Re-running the
-same command with the same --run-dir resumes from the latest checkpoint.
+(``--dry-run`` stops there, after the stage table) and calls ``training_loop``, with the demo
+feature network's per-tick scorer for runs without --data (``sample_scorer``; the library's
+``progressive/`` imports nothing of ``metrics/``). Re-running the same command with the same
+--run-dir resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -17,6 +20,7 @@ import sys
 import click
 
 from triangle.datasets import DatasetError, read_metadata
+from triangle.metrics.demo_features import DemoRunScorer
 from triangle.metrics.fid import FIDError
 from triangle.networks import NetworkConfig
 from triangle.progressive.config import TrainConfig, UserError, demo_config
@@ -111,6 +115,15 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
                  deterministic=o["deterministic"], tensorboard=o["tensorboard"],
                  grid_samples=o["grid_samples"]))
     return cfg, meta
+
+
+def sample_scorer(cfg: TrainConfig):
+    """What ``training_loop`` scores the samples with every tick: for the built-in demo (no
+    --data) its own feature network (metrics/demo_features.py), else nothing."""
+    if cfg.data is not None:
+        return None
+    return functools.partial(DemoRunScorer, data_count=cfg.demo_count, seed=cfg.seed,
+                             top=cfg.max_resolution)
 
 
 def _default(field: str) -> str:
@@ -223,7 +236,8 @@ def main(**o) -> None:
         click.echo(format_stage_table(stage_table(cfg.schedule, world)))
         return
     try:
-        training_loop(cfg, allow_config_change=allow_change, debug=debug)
+        training_loop(cfg, allow_config_change=allow_change, debug=debug,
+                      sample_scorer=sample_scorer(cfg))
     except (UserError, DatasetError, FIDError) as exc:  # FIDError: demo feature weights missing
         if _is_main_rank():
             click.echo(f"Error: {exc}", err=True)

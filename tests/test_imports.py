@@ -1,5 +1,6 @@
 """The import rules of docs/design.md ("Where things are") that a newcomer cannot see by reading
-one file: the library imports no click (only the commands do)."""
+one file: the library imports no click (only the commands do), and ``progressive/`` imports
+nothing of ``metrics/`` (the demo's scorer is passed in by the script ``progressive/train.py``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def library_modules() -> list[str]:
 
 
 def loaded_after_importing(modules: list[str]) -> set[str]:
-    """Top-level names in ``sys.modules`` of a fresh interpreter after importing ``modules``."""
+    """The names in ``sys.modules`` of a fresh interpreter after importing ``modules``."""
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
             + "print('\\n'.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -37,3 +38,11 @@ def test_the_library_imports_no_click():
     modules = library_modules()
     assert "triangle.progressive.training_loop" in modules and "triangle.networks.__main__" in modules
     assert "click" not in loaded_after_importing(modules)
+
+
+def test_progressive_imports_nothing_of_metrics():
+    modules = [m for m in library_modules() if m.startswith("triangle.progressive")]
+    assert "triangle.progressive.reporter" in modules
+    loaded = loaded_after_importing(modules)
+    assert "triangle.progressive.training_loop" in loaded
+    assert not [m for m in loaded if m.startswith("triangle.metrics")]

@@ -83,8 +83,9 @@ def test_batch_sizes_follow_the_table_the_gpu_cap_and_the_world_size():
 
 def test_learning_rates_decay_with_images_shown():
     cfg = dataclasses.replace(CFG, lr_decay=0.5, lr_decay_kimg=2.0)
-    assert schedule(0, cfg).lr_generator == cfg.lr_generator
-    assert schedule(4000, cfg).lr_energy == pytest.approx(cfg.lr_energy * 0.25)
+    assert schedule(0, cfg).learning_rates.generator == cfg.lr_generator
+    assert schedule(4000, cfg).learning_rates.energy == pytest.approx(cfg.lr_energy * 0.25)
+    assert schedule(4000, cfg).learning_rates.inference == pytest.approx(cfg.lr_inference * 0.25)
 
 
 def test_stage_table_lists_every_phase():

@@ -311,9 +311,12 @@ def test_a_checkpoint_of_another_configuration_is_refused(data, reference, tmp_p
 
 
 def test_rebuilds_leak_neither_models_nor_memory(data, tmp_path):
+    from accelerate import Accelerator
+
     from triangle.networks import Energy, Generator, Inference
+    from triangle.progressive.rebuild import rebuild
+    from triangle.progressive.run_state import new_run_state
     from triangle.progressive.train import build_config
-    from triangle.progressive.training_loop import DebugOptions, _Trainer
 
     def live(kind) -> int:
         gc.collect()
@@ -323,22 +326,21 @@ def test_rebuilds_leak_neither_models_nor_memory(data, tmp_path):
     for key in ["dry_run", "allow_config_change"] + [k for k in args if k.startswith("debug_")]:
         args.pop(key)
     cfg, _ = build_config(args)
-    trainer = _Trainer(cfg, False, DebugOptions())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    torch.use_deterministic_algorithms(cfg.deterministic)
     try:
-        trainer._open_run_dir()
-        trainer._start()
-        trainer._rebuild(Stage(16, False))
+        state = new_run_state(cfg, accelerator)
+        rebuild(state, Stage(16, False), cfg, accelerator)
         networks, optimizers = live((Generator, Energy, Inference)), live(torch.optim.Optimizer)
         assert networks == 4  # generator, energy, inference and the EMA generator
         rss = []
         for _ in range(8):  # stage after stage at the same resolution
-            trainer._rebuild(Stage(16, False))
-            assert (len(trainer.acc._models), len(trainer.acc._optimizers)) == (3, 3)
+            rebuild(state, Stage(16, False), cfg, accelerator)
+            assert (len(accelerator._models), len(accelerator._optimizers)) == (3, 3)
             assert live((Generator, Energy, Inference)) == networks
             assert live(torch.optim.Optimizer) == optimizers
             rss.append(psutil.Process().memory_info().rss)
     finally:
-        trainer._finish()
         torch.use_deterministic_algorithms(False)
     assert rss[-1] - rss[1] < 8 * 2**20, [r / 2**20 for r in rss]
 
@@ -381,6 +383,6 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
 
 
 def test_the_per_tick_evaluation_shrinks_with_the_resolution():
-    from triangle.progressive.training_loop import eval_count
+    from triangle.progressive.reporter import eval_count
 
     assert [eval_count(r) for r in (4, 64, 128, 256, 1024)] == [512, 512, 128, 64, 64]
