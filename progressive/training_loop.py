@@ -169,7 +169,8 @@ def _start(cfg: TrainConfig, accelerator: Accelerator, console: Console,
 
 
 def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: TriangleStep,
-          cfg: TrainConfig, accelerator: Accelerator, poison: bool):
+          cfg: TrainConfig, accelerator: Accelerator,
+          poison: bool) -> tuple[dict[str, torch.Tensor], LearningRates]:
     """One α, φ, θ iteration on this rank's uint8 ``batch``, then the EMA update and the
     counters; returns the step's metrics and the learning rates it used. ``poison``: a NaN in the
     batch (``DebugOptions.nan_at_kimg``)."""
@@ -183,7 +184,7 @@ def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: Tria
     if poison:
         x = x * float("nan")
     z = torch.randn(st.per_gpu_batch, cfg.network.latent_dim, generator=state.latent_rng)
-    lrs: LearningRates = st.learning_rates.scaled(state.lr_scale)
+    lrs = st.learning_rates.scaled(state.lr_scale)
     for name, optimizer in state.optimizers._asdict().items():
         for group in optimizer.param_groups:
             group["lr"] = getattr(lrs, name)
