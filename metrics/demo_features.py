@@ -197,7 +197,8 @@ def load_demo_features(path: str | os.PathLike | None = None,
         out = "" if path is None else f" --out {file}"
         raise FIDError(f"demo feature weights not found: {file}; "
                        f"rebuild them with {REBUILD_COMMAND}{out}")
-    net = DemoFeatureNet()
+    with torch.random.fork_rng(devices=[]):  # its throw-away init must not move a run's RNG
+        net = DemoFeatureNet()
     net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     return net.to(device).eval().requires_grad_(False)
 

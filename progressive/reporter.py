@@ -93,6 +93,7 @@ class Reporter:
         main, device = accelerator.is_main_process, accelerator.device
         # The tick being accumulated (``new_tick`` starts the next one).
         self.tick_sums: dict[str, Tensor] = {}  # metric -> sum over the tick's steps
+        self.tick_counts: dict[str, int] = {}  # metric -> steps that logged it (lazy R1: few)
         self.tick_count = 0  # steps in the tick
         self.tick_start = time.perf_counter()
         self.tick_images = 0  # images seen when the tick started
@@ -126,7 +127,7 @@ class Reporter:
     # -- the tick ---------------------------------------------------------------------------
     def new_tick(self, images_seen: int) -> None:
         """Start accumulating the metrics and timing of the next report."""
-        self.tick_sums, self.tick_count = {}, 0
+        self.tick_sums, self.tick_counts, self.tick_count = {}, {}, 0
         self.tick_start, self.tick_images, self.tick_pause = time.perf_counter(), images_seen, 0.0
 
     def accumulate(self, metrics: dict[str, Tensor], fade_alpha: float, lrs: LearningRates) -> None:
@@ -134,6 +135,7 @@ class Reporter:
         for k, v in metrics.items():
             v = v.detach().float()
             self.tick_sums[k] = self.tick_sums[k] + v if k in self.tick_sums else v
+            self.tick_counts[k] = self.tick_counts.get(k, 0) + 1
         self.tick_count += 1
         self.last_fade_alpha, self.last_lrs = fade_alpha, lrs
 
@@ -154,7 +156,7 @@ class Reporter:
         if not all_finite(state.raw_models(accelerator) + [state.ema]):
             raise DivergenceError(divergence_message(state, "weights", "a weight"))
         names = sorted(self.tick_sums)
-        values = torch.stack([self.tick_sums[n] / self.tick_count for n in names]).float()
+        values = torch.stack([self.tick_sums[n] / self.tick_counts[n] for n in names]).float()
         values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu().tolist()
         losses = dict(zip(names, values, strict=True))
         seconds = time.perf_counter() - self.tick_start

@@ -73,16 +73,19 @@ class TriangleStep:
 
     Call with the (possibly Accelerate-prepared) models and optimisers, a real batch
     ``x_real`` (B×3×R×R float in [-1, 1], already faded with ``fade_images``), prior samples
-    ``z`` (B×d) and the fade level. Returns detached 0-d tensors for logging; nothing is
-    synchronised with the host except the finiteness checks of the three losses.
+    ``z`` (B×d) and the fade level; ``regularize`` says whether this step applies the lazy R1
+    penalty (the caller's step count modulo ``cfg.r1_interval``). Returns detached 0-d tensors
+    for logging (``r1`` only on regularised steps); nothing is synchronised with the host except
+    the finiteness checks of the three losses.
     """
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
 
     def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
-                 z: Tensor, fade_alpha: float, accelerator: Any = None) -> dict[str, Tensor]:
-        run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator)
+                 z: Tensor, fade_alpha: float, accelerator: Any = None, *,
+                 regularize: bool = True) -> dict[str, Tensor]:
+        run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator, regularize)
         # The networks run channels-last (networks/layers.py); so should their input.
         return run.iteration(x_real.contiguous(memory_format=torch.channels_last), z)
 
@@ -91,8 +94,9 @@ class _Runner:
     """The state of one iteration: which calls go through the wrapped networks."""
 
     def __init__(self, cfg: ObjectiveConfig, models: TrainModels, optimizers: TrainOptimizers,
-                 fade_alpha: float, accelerator: Any):
+                 fade_alpha: float, accelerator: Any, regularize: bool = True):
         self.cfg, self.terms = cfg, cfg.terms
+        self.r1_weight = cfg.w_r1 * cfg.r1_interval if regularize else 0.0  # lazy R1
         self.wrapped, self.optimizers, self.fade_alpha = models, optimizers, fade_alpha
         self.accelerator = accelerator
         unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
@@ -166,14 +170,14 @@ class _Runner:
             # α step: mean f(x̃) − mean f(x), no graph through g.
             if t.energy:
                 # R1 needs ∇ₓf(x): a leaf copy of x, so that x itself stays a constant below.
-                x_e = x.detach().requires_grad_(True) if cfg.w_r1 else x
+                x_e = x.detach().requires_grad_(True) if self.r1_weight else x
                 f_real, f_fake_old = f(torch.cat([x_e, x_fake.detach()]), fade_alpha).split(len(x))
                 r1 = None
-                if cfg.w_r1:
+                if self.r1_weight:
                     (grad,) = torch.autograd.grad(f_real.float().sum(), x_e, create_graph=True)
                     r1 = grad.float().square().flatten(1).sum(1)
                     self.metrics["r1"] = r1.detach().mean()
-                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift, cfg.w_level, r1, cfg.w_r1)
+                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift, cfg.w_level, r1, self.r1_weight)
                 self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean()
                                     .detach(), f_fake=f_fake_old.float().mean().detach())
         if t.energy:

@@ -104,7 +104,7 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
     objective_cfg = ObjectiveConfig(**(base.objective.to_dict() | _given(
         w_rec=o["w_rec"], w_kl=o["w_kl"], w_lat=o["w_lat"], w_e=o["w_e"], w_drift=o["w_drift"],
         kl_reduction=o["kl_reduction"], w_level=o["w_level"], w_r1=o["w_r1"],
-        generator_steps=o["g_steps"], grad_clip=o["grad_clip"], fused=o["fused"]) | {"kind": objective}))
+        r1_interval=o["r1_interval"], generator_steps=o["g_steps"], grad_clip=o["grad_clip"], fused=o["fused"]) | {"kind": objective}))
     cfg = base.replace(
         network=network, schedule=schedule_cfg, objective=objective_cfg, data=data,
         run_dir=o["run_dir"] or os.path.join("runs", f"{name}-{max_res}-{objective}"),
@@ -162,6 +162,7 @@ OPTIONS = [
     click.option("--w-drift", type=float, help=f"Weight of mean f(data)^2 in the energy step (PGGAN's drift; off = 0)  [default: {_default('objective.w_drift')}]"),
     click.option("--w-level", type=float, help=f"Weight of ((mean f(data) + mean f(samples))/2)^2 in the energy step: anchors f's level (off = 0)  [default: {_default('objective.w_level')}]"),
     click.option("--w-r1", type=float, help=f"R1 penalty w/2·|grad_x f(data)|^2 in the energy step (off = 0)  [default: {_default('objective.w_r1')}]"),
+    click.option("--r1-interval", type=click.IntRange(min=1), help=f"Apply R1 on one step in N, weighted xN (lazy regularisation; 1 = every step)  [default: {_default('objective.r1_interval')}]"),
     click.option("--g-steps", type=int, help=f"θ (generator) steps per iteration  [default: {_default('objective.generator_steps')}]"),
     click.option("--grad-clip", type=float, help=f"Gradient-norm clip of each network, 0 = off  [default: {_default('objective.grad_clip')}]"),
     click.option("--fused/--strict", default=None, help="Share passes between the φ and θ steps, or Algorithm 1's strict order  [default: fused]"),

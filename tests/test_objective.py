@@ -203,7 +203,10 @@ def test_fused_phi_theta_gradients_equal_the_separate_losses(kind):
     TriangleStep(cfg)(models, opts, x, z, a)
     for got, want in ((seen["inference"], phi_grad), (seen["generator"], theta_grad)):
         for n in want:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+            # Float32 sums in another order (the thread count changes it): 1e-5 of the
+            # tensor's largest entry absolute; a routing error would be of the entries' size.
+            atol = max(1e-6, 1e-5 * float(want[n].abs().max()))
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=atol, msg=n)
 
 
 @pytest.mark.parametrize("kind", sorted(TERMS))
@@ -319,6 +322,26 @@ def test_r1_penalty_is_the_squared_input_gradient_of_f_on_data():
     metrics = TriangleStep(ObjectiveConfig(w_r1=0.1))(models, opts, x, torch.randn(6, NET.latent_dim), 1.0)
     assert float(metrics["r1"]) == pytest.approx(float(expected), rel=1e-4)
 
+
+
+@pytest.mark.parametrize("regularize", [True, False])
+def test_lazy_r1_weights_the_penalty_by_its_interval_on_regularised_steps_only(regularize):
+    """r1_interval k: a regularised step updates the energy exactly as an every-step R1 of
+    weight k·w_r1 would, any other step as no R1 at all (and logs no r1)."""
+    x = torch.rand(6, 3, 4, 4) * 2 - 1
+    z = torch.randn(6, NET.latent_dim)
+    energies = []
+    for cfg, reg in ((ObjectiveConfig(w_r1=0.1, r1_interval=4, grad_clip=0.0), regularize),
+                     (ObjectiveConfig(w_r1=0.4 if regularize else 0.0, r1_interval=1,
+                                      grad_clip=0.0), True)):
+        models, opts = make(stage=Stage(4, False))
+        metrics = TriangleStep(cfg)(models, opts, x, z, 1.0, regularize=reg)
+        assert ("r1" in metrics) == (reg and cfg.w_r1 > 0)
+        energies.append(snapshot(models.energy))
+    for name, value in energies[0].items():
+        torch.testing.assert_close(value, energies[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError):
+        ObjectiveConfig(r1_interval=0)
 
 def _midpoint_drift(w_level: float) -> float:
     """Largest |(mean f(data) + mean f(samples))/2| over the second half of 200 steps at 4x4."""

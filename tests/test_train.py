@@ -382,6 +382,17 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
         assert 0 <= m["shapes_recognised"] <= 1 and np.isfinite(m["demo_fd"])
 
 
+
+def test_a_demo_run_stopped_and_rerun_gives_the_uninterrupted_weights(tmp_path):
+    """The demo's scorer, built at every start and resume, must not move the run's random state."""
+    args = [*TINY, "--max-res", "8"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_cli(["--run-dir", str(full), *args]).exit_code == 0
+    assert run_cli(["--run-dir", str(part), *args, "--debug-stop-at-kimg", "0.1"]).exit_code == 0
+    assert final_state(part).images_seen < 3 * 64
+    assert run_cli(["--run-dir", str(part), *args]).exit_code == 0
+    assert_same_weights(final_state(full), final_state(part))
+
 def test_the_per_tick_evaluation_shrinks_with_the_resolution():
     from triangle.progressive.reporter import eval_count
 
