@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 from triangle.metrics.checkpoint_models import load_checkpoint
 from triangle.metrics.quality import evaluate_checkpoint, load_split
 from triangle.progressive.checkpoint import latest_checkpoint
+from triangle.progressive.config import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +67,17 @@ VARIANTS: dict[str, list[str]] = {
     "no-znorm": ["--no-normalize-latent"],
     "no-r1": ["--w-r1", "0"],
     "r1-1": ["--w-r1", "1"],
+    "r1-every-step": ["--r1-interval", "1"],
+    "r1-every-4": ["--r1-interval", "4"],
+    "ema-10": ["--ema-kimg", "10"],
+    "phases-20": ["--fade-kimg", "20", "--stable-kimg", "20", "--total-kimg", "100"],
 }
 DEFAULT_VARIANTS = ("triangle", "vae", "acd", "wake-sleep", "reference")
 # Demo widths and batch for --data runs too: the study compares settings, not network sizes.
 DATA_RUN = ["--channel-base", "1024", "--channel-max", "64", "--latent-dim", "64", "--batch", "32",
             "--ema-kimg", "2", "--workers", "0"]
 GRID = 12  # samples per run in quality.png
+DEMO = demo_config()
 
 COLUMNS = [  # (key, header, format)
     ("demo_fd", "demo FD", "{:.2f}"), ("shapes_recognised", "shapes", "{:.0%}"),
@@ -81,11 +87,30 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+def schedule_options(phase_kimg: float | None) -> list[str]:
+    """Every phase ``phase_kimg`` long, or (None) the demo's schedule, also for --data runs."""
+    s = DEMO.schedule
+    if phase_kimg is None:
+        phases = ["--fade-kimg", f"{s.fade_kimg:g}", "--stable-kimg", f"{s.stable_kimg:g}",
+                  "--total-kimg", f"{s.total_kimg:g}"]
+        every = s.fade_kimg
+    else:
+        phases, every = ["--fade-kimg", f"{phase_kimg:g}", "--stable-kimg", f"{phase_kimg:g}"], phase_kimg
+    return phases + ["--tick-kimg", f"{every:g}", "--snap-kimg", f"{every:g}"]
+
+
+def schedule_label(phase_kimg: float | None) -> str:
+    s = DEMO.schedule
+    if phase_kimg is None:
+        return (f"the demo's schedule ({s.fade_kimg:g} kimg phases, the last stable phase to "
+                f"{s.total_kimg:g} kimg)")
+    return f"{phase_kimg:g} kimg per phase"
+
+
 def train_command(name: str, seed: int, out: Path, data: str | None, max_res: int | None,
-                  phase_kimg: float, extra: list[str]) -> list[str]:
+                  phase_kimg: float | None, extra: list[str]) -> list[str]:
     cmd = [sys.executable, str(ROOT / "progressive" / "train.py"), "--run-dir", str(out / "runs" / f"{name}-s{seed}"),
-           "--seed", str(seed), "--fade-kimg", str(phase_kimg), "--stable-kimg", str(phase_kimg),
-           "--tick-kimg", str(phase_kimg), "--snap-kimg", str(phase_kimg)]
+           "--seed", str(seed), *schedule_options(phase_kimg)]
     if data:
         cmd += ["--data", data] + DATA_RUN
     if max_res:
@@ -165,7 +190,8 @@ def write_table(rows: list[dict], path: Path, header: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study folder.")
 @click.option("--data", type=click.Path(exists=True), default=None, help="LMDB  [default: the built-in demo]")
 @click.option("--max-res", type=int, default=None, help="Final resolution  [default: the demo's / the data's]")
-@click.option("--phase-kimg", type=float, default=20.0, show_default=True, help="kimg per fade and per stable phase.")
+@click.option("--phase-kimg", type=float, default=None,
+              help="kimg per fade and per stable phase  [default: the demo's schedule]")
 @click.option("--variants", default=",".join(DEFAULT_VARIANTS), show_default=True,
               help=f"Comma-separated, or 'all': {', '.join(VARIANTS)}")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
@@ -228,7 +254,7 @@ def main(out: Path, data, max_res, phase_kimg, variants, seeds, minutes, jobs, t
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     source = data or "the built-in demo"
     write_table(rows, out / "quality.md",
-                f"Quality study on {source}: {phase_kimg:g} kimg per phase to "
+                f"Quality study on {source}: {schedule_label(phase_kimg)} to "
                 f"{rows[0]['resolution']}x{rows[0]['resolution']}, device {device}, "
                 f"torch {torch.__version__}")
     click.echo((out / "quality.md").read_text())

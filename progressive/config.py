@@ -130,6 +130,10 @@ def demo_config() -> TrainConfig:
     """
     return TrainConfig(
         network=NetworkConfig(latent_dim=64, channel_base=1024, channel_max=64),
+        # Lazy R1 here only: on the demo one step in 16 gave the same samples as every step
+        # (110 kimg: FD 105 and 46% shapes against 109 and 48%) in ~30% less time (16x16: ~300
+        # img/s against ~200); on photographs it lost (ObjectiveConfig.r1_interval).
+        objective=ObjectiveConfig(r1_interval=16),
         schedule=ScheduleConfig(
             max_resolution=16,
             # Short phases up to the fade into 16x16, whose stable phase then runs to 110 kimg:

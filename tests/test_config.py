@@ -63,7 +63,8 @@ def test_resume_rules_network_never_schedule_on_request_runtime_always():
 
 def test_help_shows_the_defaults():
     out = invoke("--help").output
-    for text in ("--data", "--max-res", "--fade-kimg", "600.0; demo: 20.0", "--objective",
+    fade = f"{TrainConfig().schedule.fade_kimg}; demo: {demo_config().schedule.fade_kimg}"
+    for text in ("--data", "--max-res", "--fade-kimg", fade, "--objective",
                  "--precision", "--seed", "--dry-run", "--allow-config-change", "--nan-policy"):
         assert text in out, text
     assert "--debug" not in out
