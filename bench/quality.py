@@ -37,10 +37,12 @@ import click
 import torch
 from PIL import Image, ImageDraw
 
+from triangle.datasets import read_metadata
 from triangle.metrics.checkpoint_models import load_checkpoint
 from triangle.metrics.quality import evaluate_checkpoint, load_split
 from triangle.progressive.checkpoint import latest_checkpoint
 from triangle.progressive.config import demo_config
+from triangle.progressive.schedule import ScheduleConfig, total_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,15 +89,19 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-def schedule_options(phase_kimg: float | None) -> list[str]:
-    """Every phase ``phase_kimg`` long, or (None) the demo's schedule, also for --data runs."""
+def schedule_options(phase_kimg: float | None, max_res: int) -> list[str]:
+    """Every phase ``phase_kimg`` long up to ``max_res`` (the demo's total_kimg would stretch
+    the last one), or (None) the demo's schedule, also for --data runs."""
     s = DEMO.schedule
     if phase_kimg is None:
         phases = ["--fade-kimg", f"{s.fade_kimg:g}", "--stable-kimg", f"{s.stable_kimg:g}",
                   "--total-kimg", f"{s.total_kimg:g}"]
         every = s.fade_kimg
     else:
-        phases, every = ["--fade-kimg", f"{phase_kimg:g}", "--stable-kimg", f"{phase_kimg:g}"], phase_kimg
+        uniform = ScheduleConfig(max_resolution=max_res, fade_kimg=phase_kimg, stable_kimg=phase_kimg)
+        phases = ["--fade-kimg", f"{phase_kimg:g}", "--stable-kimg", f"{phase_kimg:g}",
+                  "--total-kimg", f"{total_images(uniform) / 1000:g}"]
+        every = phase_kimg
     return phases + ["--tick-kimg", f"{every:g}", "--snap-kimg", f"{every:g}"]
 
 
@@ -107,10 +113,17 @@ def schedule_label(phase_kimg: float | None) -> str:
     return f"{phase_kimg:g} kimg per phase"
 
 
+def top_resolution(data: str | None, max_res: int | None) -> int:
+    """The runs' final resolution: ``max_res``, else the data's largest, else the demo's."""
+    if max_res:
+        return max_res
+    return read_metadata(data).max_resolution if data else DEMO.schedule.max_resolution
+
+
 def train_command(name: str, seed: int, out: Path, data: str | None, max_res: int | None,
                   phase_kimg: float | None, extra: list[str]) -> list[str]:
     cmd = [sys.executable, str(ROOT / "progressive" / "train.py"), "--run-dir", str(out / "runs" / f"{name}-s{seed}"),
-           "--seed", str(seed), *schedule_options(phase_kimg)]
+           "--seed", str(seed), *schedule_options(phase_kimg, top_resolution(data, max_res))]
     if data:
         cmd += ["--data", data] + DATA_RUN
     if max_res:

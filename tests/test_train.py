@@ -371,7 +371,7 @@ def test_every_ablation_trains_through_the_loop(data, tmp_path, objective):
 
 def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
     """Without --data: the built-in demo, scored every tick by its own feature network."""
-    args = [a for a in TINY if a != "--deterministic"]
+    args = [a for a in TINY if a != "--deterministic"] + ["--total-kimg", str(TOTAL / 1000)]
     result = run_cli(["--run-dir", str(tmp_path / "demo"), *args])
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("sample quality:"))
@@ -385,7 +385,7 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
 
 def test_a_demo_run_stopped_and_rerun_gives_the_uninterrupted_weights(tmp_path):
     """The demo's scorer, built at every start and resume, must not move the run's random state."""
-    args = [*TINY, "--max-res", "8"]
+    args = [*TINY, "--max-res", "8", "--total-kimg", str(3 * 64 / 1000)]  # the demo's is 110
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(["--run-dir", str(full), *args]).exit_code == 0
     assert run_cli(["--run-dir", str(part), *args, "--debug-stop-at-kimg", "0.1"]).exit_code == 0
