@@ -313,7 +313,7 @@ def _tensor_from_bytes(data: bytearray, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 PARENT_POLL_S = 1.0  # how often a worker that pipes batches looks whether its parent still lives
-_watching_pid: int | None = None  # the process whose parent watch runs (none in a fork of it)
+PARENT_WATCH = "exit-with-parent"  # the watch thread's name (a fork of the process has none)
 
 
 def _exit_with_parent() -> None:
@@ -331,11 +331,8 @@ def _exit_with_parent() -> None:
     forever (a second worker waits on the queue's write lock behind it). Shared-memory batches
     send only a handle and never fill the pipe.
     """
-    global _watching_pid
-    pid = os.getpid()
-    if _watching_pid == pid:
+    if any(t.name == PARENT_WATCH for t in threading.enumerate()):
         return
-    _watching_pid = pid
     parent = multiprocessing.parent_process()
     parent_pid = parent.pid if parent is not None else os.getppid()
 
@@ -344,7 +341,7 @@ def _exit_with_parent() -> None:
             time.sleep(PARENT_POLL_S)
         os._exit(0)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name=PARENT_WATCH, daemon=True).start()
 
 
 try:  # the documented way to extend default_collate: by the type of a batch's first element
