@@ -12,13 +12,18 @@ default collate turns back into that tensor without a copy (importing this modul
 that with ``default_collate``), so ``DataLoader(ds, batch_sampler=...)`` needs no
 ``collate_fn``. From a worker, a batch of up to ``PIPE_MAX_BYTES`` travels as bytes through
 the result pipe, a larger one as one shared-memory tensor it was decoded into; either way the
-main process receives a plain tensor.
+main process receives a plain tensor. A worker that has sent a batch through the pipe ends when
+its parent process dies (:func:`_exit_with_parent`): a write into that pipe can block forever
+once nobody reads it.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -286,6 +291,7 @@ def collate_images(batch, *, collate_fn_map=None) -> torch.Tensor:
     if isinstance(batch, ImageBatch):
         t = batch.tensor
         if not t.is_shared() and get_worker_info() is not None:
+            _exit_with_parent()
             return t.as_subclass(_Piped)
         return t
     return torch.stack(list(batch))  # _Image's operations give plain tensors
@@ -304,6 +310,41 @@ class _Piped(torch.Tensor):
 
 def _tensor_from_bytes(data: bytearray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(data, dtype=torch.uint8).view(shape)
+
+
+PARENT_POLL_S = 1.0  # how often a worker that pipes batches looks whether its parent still lives
+_watching_pid: int | None = None  # the process whose parent watch runs (none in a fork of it)
+
+
+def _exit_with_parent() -> None:
+    """Start, once per DataLoader worker process, a daemon thread that ends the process
+    (``os._exit``) as soon as the process that started it has died.
+
+    Why: a batch sent as bytes through the worker's result pipe (``_Piped``, up to
+    ``PIPE_MAX_BYTES``; a pipe holds 64 KiB) leaves the worker's queue-feeder thread blocked in
+    the write until the main process reads it. When the main process is killed (SIGKILL, a
+    cluster's pre-emption) nobody ever reads it, and the write never fails either, since the
+    workers themselves hold the pipe's read end. torch's worker does notice the dead parent
+    (its watchdog, every 5 s) and leaves its loop, but then exits through multiprocessing's
+    finalizers, which join that feeder thread (torch skips the join only when the main process
+    asked the workers to stop): the worker lived on, an orphan holding its memory, blocked
+    forever (a second worker waits on the queue's write lock behind it). Shared-memory batches
+    send only a handle and never fill the pipe.
+    """
+    global _watching_pid
+    pid = os.getpid()
+    if _watching_pid == pid:
+        return
+    _watching_pid = pid
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:  # a dead parent's children are reparented
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 try:  # the documented way to extend default_collate: by the type of a batch's first element

@@ -193,6 +193,40 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_weights(data, refer
     assert_same_weights(final_state(reference), final_state(run_dir))
 
 
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # ended, not yet reaped by its new parent
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_run_killed_with_sigkill_leaves_no_dataloader_worker_behind(data, tmp_path):
+    # A pre-empted job: SIGKILL of the main process while its two workers have 16x16 batches of
+    # 64 images (48 KiB each, sent as bytes through the result pipe) waiting for it. The workers
+    # used to live on as orphans, blocked writing into that pipe (datasets/reader.py).
+    run_dir = tmp_path / "preempted"
+    p = _start(["--data", data, "--run-dir", str(run_dir), *TINY, "--workers", "2", "--batch", "64",
+                "--total-kimg", "100", "--debug-step-delay", "0.2"])
+    workers: list[psutil.Process] = []
+    try:
+        _wait_for(_kimg_reached(run_dir, 4 * 64 + 64), p)  # two 16x16 steps done
+        workers = psutil.Process(p.pid).children(recursive=True)
+        assert len(workers) == 2, workers
+        time.sleep(0.5)  # the workers fill their prefetch while the main process sleeps
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 10.0
+        while not all(map(_ended, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w.pid for w in workers if not _ended(w)] == []
+    finally:
+        for process in [psutil.Process(p.pid) if p.poll() is None else None, *workers]:
+            if process is not None and not _ended(process):
+                process.kill()
+        p.wait()
+        p.stdout.close()
+
+
 def launch_two_ranks(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py ...``."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
