@@ -14,5 +14,5 @@ for precision in bf16 fp32; do
   python bench/step.py --device cuda --min-res 256 --max-res 1024 --precision "$precision" \
     --seconds 3 --no-strict 2>&1 | tee "$out/step-$precision.txt"
 done
-python bench/loop.py --max-res 64 --fade-kimg 2 --stable-kimg 2 --precision bf16 --latent-dim 512 \
+python bench/loop.py --max-res 64 --fade-kimg 2 --stable-kimg 2 --mixed-precision bf16 --latent-dim 512 \
   --channel-base 16384 --channel-max 512 2>&1 | tail -n 12 | tee "$out/loop-bf16.txt"

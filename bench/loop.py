@@ -68,7 +68,7 @@ def main(ctx: click.Context, seconds: float) -> None:
     args = list(ctx.args)
     with tempfile.TemporaryDirectory() as tmp:
         defaults = ["--run-dir", str(Path(tmp) / "run"), "--fade-kimg", "1", "--stable-kimg", "1",
-                    "--tick-kimg", "1", "--snap-kimg", "100"]
+                    "--tick-kimg", "1", "--checkpoint-kimg", "100"]
         params = train_command.make_context("train", defaults + args).params
         for key in [k for k in params if k.startswith("debug_")] + ["dry_run", "allow_config_change"]:
             params.pop(key)

@@ -17,7 +17,7 @@ gaps everywhere) and writes:
 
 Without ``--data`` the runs use the built-in demo (its widths, batch and resolution);
 with ``--data`` the demo's widths and batch too (``--`` passes any other train.py option to
-every run, e.g. ``-- --latent-dim 512 --channel-max 512 --precision bf16``). ``--jobs N`` runs
+every run, e.g. ``-- --latent-dim 512 --channel-max 512 --mixed-precision bf16``). ``--jobs N`` runs
 N trainings at once (a GPU machine; on 2 CPU cores keep 1). ``--minutes M`` stops a run after M
 minutes of wall time and scores its last checkpoint (the table says where it stopped).
 """
@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Each variant: train.py options on top of the defaults. "reference" spells out the reference
 # code's settings (this project's defaults before the study), so that row stays reproducible.
-REFERENCE = ["--kl-reduction", "mean", "--w-kl", "1", "--lr-g", "1e-3", "--lr-i", "1e-3",
-             "--lr-e", "3e-4", "--w-level", "0", "--w-r1", "0", "--logvar-min", "-30"]
+REFERENCE = ["--kl-reduction", "mean", "--w-kl", "1", "--lr-generator", "1e-3", "--lr-inference", "1e-3",
+             "--lr-energy", "3e-4", "--w-level", "0", "--w-r1", "0", "--logvar-min", "-30"]
 VARIANTS: dict[str, list[str]] = {
     "triangle": [],
     "vae": ["--objective", "vae"],
@@ -59,9 +59,9 @@ VARIANTS: dict[str, list[str]] = {
     "kl-mean": ["--kl-reduction", "mean", "--w-kl", "1"],
     "kl-sum-w1": ["--kl-reduction", "sum", "--w-kl", "1"],
     "kl-sum-w0.0625": ["--kl-reduction", "sum", "--w-kl", "0.0625"],
-    "lr-e-3e-4": ["--lr-e", "3e-4"],
-    "lr-1e-3": ["--lr-g", "1e-3", "--lr-i", "1e-3", "--lr-e", "1e-3"],
-    "lr-1e-2": ["--lr-g", "1e-2", "--lr-i", "1e-2", "--lr-e", "1e-2"],
+    "lr-e-3e-4": ["--lr-energy", "3e-4"],
+    "lr-1e-3": ["--lr-generator", "1e-3", "--lr-inference", "1e-3", "--lr-energy", "1e-3"],
+    "lr-1e-2": ["--lr-generator", "1e-2", "--lr-inference", "1e-2", "--lr-energy", "1e-2"],
     "no-level": ["--w-level", "0"],
     "logvar-floor-30": ["--logvar-min", "-30"],
     "latent-16": ["--latent-dim", "16"],
@@ -77,7 +77,7 @@ VARIANTS: dict[str, list[str]] = {
 DEFAULT_VARIANTS = ("triangle", "vae", "acd", "wake-sleep", "reference")
 # Demo widths and batch for --data runs too: the study compares settings, not network sizes.
 DATA_RUN = ["--channel-base", "1024", "--channel-max", "64", "--latent-dim", "64", "--batch", "32",
-            "--ema-kimg", "2", "--workers", "0"]
+            "--ema-kimg", "2", "--num-workers", "0"]
 GRID = 12  # samples per run in quality.png
 DEMO = demo_config()
 
@@ -102,7 +102,7 @@ def schedule_options(phase_kimg: float | None, max_res: int) -> list[str]:
         phases = ["--fade-kimg", f"{phase_kimg:g}", "--stable-kimg", f"{phase_kimg:g}",
                   "--total-kimg", f"{total_images(uniform) / 1000:g}"]
         every = phase_kimg
-    return phases + ["--tick-kimg", f"{every:g}", "--snap-kimg", f"{every:g}"]
+    return phases + ["--tick-kimg", f"{every:g}", "--checkpoint-kimg", f"{every:g}"]
 
 
 def schedule_label(phase_kimg: float | None) -> str:

@@ -190,6 +190,16 @@ def flatten(values: dict[str, Any], prefix: str = "", *, tables: bool = True) ->
     return out
 
 
+def unflatten(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``flatten`` (with tables): ``{"network.latent_dim": 8}`` ->
+    ``{"network": {"latent_dim": 8}}``, what ``TrainConfig.from_dict`` takes."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        part, _, key = name.rpartition(".")
+        (out.setdefault(part, {}) if part else out)[key] = value
+    return out
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, current value)}`` for every field that differs (dotted names)."""
     a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))

@@ -26,7 +26,7 @@ def divergence_message(state: RunState, term: str, what: str, step: int | None =
     step = state.step if step is None else step
     return (f"non-finite {term} at step {step} (kimg {state.images_seen / 1000:g}, stage "
             f"{label}): {what} became NaN/inf. The last checkpoint is intact; re-run the same "
-            f"command to resume from it, with lower learning rates (--lr-g/--lr-i/--lr-e) "
+            f"command to resume from it, with lower learning rates (--lr-generator/--lr-inference/--lr-energy) "
             f"and --allow-config-change, or pass --nan-policy rollback")
 
 

@@ -3,7 +3,7 @@
 The three networks and the EMA generator are rebuilt at the new stage, carrying every surviving
 weight bit for bit; new layers are initialised from (seed, stage), so every rank builds the same
 ones. The old prepared models are released before the new ones and fresh Adam optimisers are
-prepared (Adam moments reset, as in PGGAN; ``--moments carry`` keeps them by parameter name).
+prepared (Adam moments reset, as in PGGAN; ``--adam-moments carry`` keeps them by parameter name).
 Afterwards all ranks compare weight checksums.
 """
 

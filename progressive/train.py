@@ -3,6 +3,11 @@
     accelerate launch progressive/train.py --data celebahq.lmdb --max-res 1024
     python progressive/train.py                      # the built-in demo, ~5 minutes on a CPU
 
+Each option sets one ``TrainConfig`` field and is named once, in ``SETTINGS``: its flag is the
+field's name (``checkpoint_kimg`` -> ``--checkpoint-kimg``; earlier spellings such as
+``--snap-kimg`` still work), its type the field's, its help's default the presets' value; the
+click options and ``build_config``'s overrides are made from that table.
+
 This file only parses and validates the command line, builds the ``TrainConfig``, prints it
 (``--dry-run`` stops there, after the stage table) and calls ``training_loop``, with the demo
 feature network's per-tick scorer for runs without --data (``sample_scorer``; the library's
@@ -16,16 +21,27 @@ import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
 
 import click
 
 from triangle.datasets import DatasetError, read_metadata
 from triangle.metrics.demo_features import DemoRunScorer
 from triangle.metrics.fid import FIDError
-from triangle.networks import NetworkConfig
-from triangle.progressive.config import TrainConfig, UserError, demo_config
-from triangle.progressive.objective import TERMS, ObjectiveConfig
-from triangle.progressive.schedule import ScheduleConfig, format_stage_table, stage_table
+from triangle.progressive.config import (
+    MOMENT_POLICIES,
+    NAN_POLICIES,
+    PRECISIONS,
+    TrainConfig,
+    UserError,
+    demo_config,
+    flatten,
+    unflatten,
+)
+from triangle.progressive.objective import KL_REDUCTIONS, TERMS
+from triangle.progressive.schedule import format_stage_table, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
 from triangle.resolutions import is_resolution, resolutions
 
@@ -67,8 +83,166 @@ def _table(base: dict[int, int], override, max_res: int) -> dict[int, int]:
     return table
 
 
-def _given(**values):
-    return {k: v for k, v in values.items() if v is not None}
+def _format_table(table: dict[int, int]) -> str:
+    """A per-resolution table as --batch takes it: ``N`` if one value, else ``RES:N,...``."""
+    values = set(table.values())
+    return str(values.pop()) if len(values) == 1 else ",".join(f"{r}:{n}" for r, n in table.items())
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option of the command and the ``TrainConfig`` field it sets (``field``, dotted).
+
+    Its flag is the field's own name (``schedule.lr_generator`` -> ``--lr-generator``) unless
+    ``flag`` names another; ``old`` lists earlier spellings, still accepted. Its click type is the
+    field's (int or float; a bool field gives an on/off pair, ``--NAME/--no-NAME`` unless ``off``
+    names the second) unless ``type`` says more (choices, ranges). Its help ends with the
+    default read from the presets: ``[default: <TrainConfig()'s>; demo: <demo_config()'s>]``
+    (one value where they agree; ``data_default`` where --data runs derive it from the data).
+    """
+
+    field: str
+    help: str
+    type: Any = None
+    old: tuple[str, ...] = ()
+    flag: str | None = None
+    off: str | None = None  # bool fields: the flag that turns the setting off
+    callback: Callable | None = None  # click's, to validate the value
+    none: str = ""  # what a default of None means
+    show: Callable[[Any], str] = str  # a default as the help writes it
+    data_default: str | None = None  # the --data runs' default, where no preset holds it
+    special: bool = False  # build_config sets the field itself (data, resolution, tables, run dir)
+
+    @property
+    def primary(self) -> str:
+        return self.flag or "--" + self.field.rsplit(".", 1)[-1].replace("_", "-")
+
+    @property
+    def name(self) -> str:
+        """The parameter's name in the parsed options (click's, from the primary flag)."""
+        return self.primary[2:].replace("-", "_")
+
+    def field_type(self) -> type:
+        """The field's annotated type (None stripped from an optional one)."""
+        hint: Any = TrainConfig
+        for part in self.field.split("."):
+            hint = get_type_hints(hint)[part]
+        kinds = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"{self.field}: give the option a type")
+        return kinds[0]
+
+    def shown(self, value) -> str:
+        """``value`` of the field as the help writes a default."""
+        if value is None:
+            return self.none
+        if isinstance(value, bool):
+            return self.primary if value else self.off_flag
+        return self.show(value)
+
+    @property
+    def off_flag(self) -> str:
+        return self.off or f"--no-{self.primary[2:]}"
+
+    def default_help(self) -> str:
+        full = self.data_default or self.shown(_lookup(FULL, self.field))
+        demo = self.shown(_lookup(DEMO, self.field))
+        return full if full == demo else f"{full}; demo: {demo}"
+
+    def option(self):
+        """The click option (the value is None where the command line does not give it)."""
+        kind = self.type or self.field_type()
+        decls = [f"{self.primary}/{self.off_flag}"] if kind is bool else [self.primary, *self.old]
+        extra = {} if kind is bool else {"type": kind}
+        return click.option(*decls, self.name, default=None, callback=self.callback,
+                            help=f"{self.help}  [default: {self.default_help()}]", **extra)
+
+
+def _lookup(cfg: TrainConfig, field: str):
+    value = cfg
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# Every option that sets a TrainConfig field, in the order --help lists them.
+SETTINGS = [
+    Setting("data", "Multi-resolution LMDB (tools/prepare_lmdb.py)", type=click.Path(),
+            none="the built-in demo dataset", special=True),
+    Setting("schedule.max_resolution", "Final resolution, a power of two", flag="--max-res",
+            type=int, callback=_power_of_two, special=True,
+            data_default=f"the data's largest, at most {FULL.max_resolution}"),
+    Setting("run_dir", "Run directory; re-running resumes from it",
+            type=click.Path(file_okay=False), special=True,
+            data_default="runs/<data>-<max res>-<objective>"),
+    Setting("schedule.fade_kimg", "Thousands of images per fade phase"),
+    Setting("schedule.stable_kimg", "Thousands of images per stable phase"),
+    Setting("schedule.total_kimg", "End of training in kimg (extends the last stable phase)",
+            none="end of the last stable phase"),
+    Setting("schedule.batch_per_resolution", "Global batch: N for all resolutions or RES:N,...",
+            flag="--batch", type=str, show=_format_table, special=True),
+    Setting("schedule.per_gpu_batch_cap", "Largest batch per GPU: N or RES:N,...",
+            flag="--gpu-batch-cap", type=str, show=_format_table, special=True),
+    Setting("schedule.lr_generator", "Generator learning rate", old=("--lr-g",)),
+    Setting("schedule.lr_inference", "Inference learning rate", old=("--lr-i",)),
+    Setting("schedule.lr_energy", "Energy learning rate", old=("--lr-e",)),
+    Setting("schedule.lr_decay", "Learning rates x this every --lr-decay-kimg"),
+    Setting("schedule.lr_decay_kimg", "Thousands of images between learning-rate decays"),
+    Setting("objective.kind", "The triangle or one of its ablations (paper §3.2)",
+            flag="--objective", type=click.Choice(sorted(TERMS))),
+    Setting("objective.w_rec", "Weight of the reconstruction term"),
+    Setting("objective.w_kl", "Weight of the KL term"),
+    Setting("objective.kl_reduction",
+            "KL summed over latent dims (D's own) or averaged (the reference code's)",
+            type=click.Choice(KL_REDUCTIONS)),
+    Setting("objective.w_lat", "Weight of the latent NLL term"),
+    Setting("objective.w_e", "Weight of the energy term in the generator loss"),
+    Setting("objective.w_drift",
+            "Weight of mean f(data)^2 in the energy step (PGGAN's drift; off = 0)"),
+    Setting("objective.w_level", "Weight of ((mean f(data) + mean f(samples))/2)^2 in the energy "
+            "step: anchors f's level (off = 0)"),
+    Setting("objective.w_r1", "R1 penalty w/2·|grad_x f(data)|^2 in the energy step (off = 0)"),
+    Setting("objective.r1_interval",
+            "Apply R1 on one step in N, weighted xN (lazy regularisation; 1 = every step)",
+            type=click.IntRange(min=1)),
+    Setting("objective.generator_steps", "θ (generator) steps per iteration", old=("--g-steps",)),
+    Setting("objective.grad_clip", "Gradient-norm clip of each network, 0 = off"),
+    Setting("objective.fused",
+            "Share passes between the φ and θ steps, or Algorithm 1's strict order", off="--strict"),
+    Setting("network.latent_dim", "Latent size"),
+    Setting("network.channel_base", "channels(res) = min(channel_base // res, channel_max)"),
+    Setting("network.channel_max", "Widest layer"),
+    Setting("network.logvar_min", "Floor of the inference model's log variance"),
+    Setting("network.normalize_latent", "Pixel-normalise z at the generator's input (PGGAN)"),
+    Setting("mixed_precision",
+            "Mixed precision (bf16 recommended on GPUs; overrides the launcher's)",
+            type=click.Choice(PRECISIONS), old=("--precision",)),
+    Setting("ema_kimg", "Half-life of the generator's EMA in kimg"),
+    Setting("adam_moments", "Adam moments at a stage rebuild: reset (PGGAN) or carry by name",
+            type=click.Choice(MOMENT_POLICIES), old=("--moments",)),
+    Setting("generator_weight_decay", "Adam weight decay of the generator (see config.py)",
+            old=("--weight-decay-g",)),
+    Setting("seed", "Random seed"),
+    Setting("tick_kimg", "Progress line, metrics and grids every this many kimg"),
+    Setting("checkpoint_kimg", "Checkpoint every this many kimg (and at every stage end)",
+            old=("--snap-kimg",)),
+    Setting("keep_checkpoints", "Checkpoints kept", old=("--keep",)),
+    Setting("num_workers", "DataLoader workers per process", old=("--workers",)),
+    Setting("grid_samples", "Fixed-z samples per grid"),
+    Setting("nan_policy",
+            "On a non-finite loss: stop, or roll back to the last checkpoint with lr x0.5",
+            type=click.Choice(NAN_POLICIES)),
+    Setting("deterministic", "torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
+    Setting("tensorboard", "Also log to TensorBoard (needs the tensorboard package)"),
+]
+
+# The fields no option sets: the presets' values hold (change them in config.py).
+FIXED_FIELDS = frozenset({
+    "demo_count", "demo_holdout", "adam_beta1", "adam_beta2", "adam_eps", "ema_rampup",
+    "grid_reconstructions", "flip", "rollback_lr_factor", "max_rollbacks",
+    "network.channel_min", "network.leaky_slope", "network.init", "network.init_std",
+    "network.logvar_max", "network.pixel_norm_eps", "objective.rec_reference_pixels",
+})
 
 
 def build_config(o: dict) -> tuple[TrainConfig, object]:
@@ -78,7 +252,7 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
             meta = read_metadata(o["data"])
         except DatasetError as exc:
             raise click.BadParameter(str(exc).splitlines()[0], param_hint="--data") from None
-        max_res = o["max_res"] or min(meta.max_resolution, 1024)
+        max_res = o["max_res"] or min(meta.max_resolution, FULL.max_resolution)
         if max_res not in meta.resolutions:
             raise click.BadParameter(
                 f"{o['data']} holds resolutions {meta.resolutions[0]}..{meta.max_resolution}, "
@@ -88,33 +262,19 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
     else:
         meta, base, name, data = None, DEMO, "demo", None
         max_res = o["max_res"] or DEMO.max_resolution
-    objective = o["objective"] or base.objective.kind
-    network = NetworkConfig(**(base.network.to_dict() | _given(
-        latent_dim=o["latent_dim"], channel_base=o["channel_base"], channel_max=o["channel_max"],
-        logvar_min=o["logvar_min"], normalize_latent=o["normalize_latent"])))
-    s = base.schedule
-    schedule_cfg = ScheduleConfig(**(s.to_dict() | _given(
-        fade_kimg=o["fade_kimg"], stable_kimg=o["stable_kimg"], total_kimg=o["total_kimg"],
-        lr_generator=o["lr_g"], lr_inference=o["lr_i"], lr_energy=o["lr_e"],
-        lr_decay=o["lr_decay"], lr_decay_kimg=o["lr_decay_kimg"]) | {
-        "max_resolution": max_res,
-        "batch_per_resolution": _table(s.batch_per_resolution, parse_table(o["batch"], "--batch"), max_res),
-        "per_gpu_batch_cap": _table(s.per_gpu_batch_cap, parse_table(o["gpu_batch_cap"], "--gpu-batch-cap"), max_res),
-    }))
-    objective_cfg = ObjectiveConfig(**(base.objective.to_dict() | _given(
-        w_rec=o["w_rec"], w_kl=o["w_kl"], w_lat=o["w_lat"], w_e=o["w_e"], w_drift=o["w_drift"],
-        kl_reduction=o["kl_reduction"], w_level=o["w_level"], w_r1=o["w_r1"],
-        r1_interval=o["r1_interval"], generator_steps=o["g_steps"], grad_clip=o["grad_clip"], fused=o["fused"]) | {"kind": objective}))
-    cfg = base.replace(
-        network=network, schedule=schedule_cfg, objective=objective_cfg, data=data,
-        run_dir=o["run_dir"] or os.path.join("runs", f"{name}-{max_res}-{objective}"),
-        **_given(seed=o["seed"], mixed_precision=o["precision"], ema_kimg=o["ema_kimg"],
-                 adam_moments=o["moments"], generator_weight_decay=o["weight_decay_g"],
-                 tick_kimg=o["tick_kimg"], checkpoint_kimg=o["snap_kimg"],
-                 keep_checkpoints=o["keep"], num_workers=o["workers"], nan_policy=o["nan_policy"],
-                 deterministic=o["deterministic"], tensorboard=o["tensorboard"],
-                 grid_samples=o["grid_samples"]))
-    return cfg, meta
+    values = flatten(base.to_dict()) | {
+        s.field: o[s.name] for s in SETTINGS if not s.special and o[s.name] is not None}
+    schedule = base.schedule
+    values |= {
+        "data": data,
+        "schedule.max_resolution": max_res,
+        "schedule.batch_per_resolution": _table(schedule.batch_per_resolution,
+                                                parse_table(o["batch"], "--batch"), max_res),
+        "schedule.per_gpu_batch_cap": _table(schedule.per_gpu_batch_cap,
+                                             parse_table(o["gpu_batch_cap"], "--gpu-batch-cap"), max_res),
+        "run_dir": o["run_dir"] or os.path.join("runs", f"{name}-{max_res}-{values['objective.kind']}"),
+    }
+    return TrainConfig.from_dict(unflatten(values)), meta
 
 
 def sample_scorer(cfg: TrainConfig):
@@ -126,64 +286,8 @@ def sample_scorer(cfg: TrainConfig):
                              top=cfg.max_resolution)
 
 
-def _default(field: str) -> str:
-    """Help text for a default that differs between --data runs and the demo."""
-    full, demo = _lookup(FULL, field), _lookup(DEMO, field)
-    return f"{full}; demo: {demo}" if full != demo else f"{full}"
-
-
-def _lookup(cfg: TrainConfig, field: str):
-    value = cfg
-    for part in field.split("."):
-        value = getattr(value, part)
-    return value
-
-
 OPTIONS = [
-    click.option("--data", type=click.Path(), help="Multi-resolution LMDB (tools/prepare_lmdb.py). Omitted: the built-in demo dataset."),
-    click.option("--max-res", type=int, callback=_power_of_two, help="Final resolution, a power of two  [default: the data's largest; demo: 16]"),
-    click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory; re-running resumes from it  [default: runs/<data>-<max res>-<objective>]"),
-    click.option("--fade-kimg", type=float, help=f"Thousands of images per fade phase  [default: {_default('schedule.fade_kimg')}]"),
-    click.option("--stable-kimg", type=float, help=f"Thousands of images per stable phase  [default: {_default('schedule.stable_kimg')}]"),
-    click.option("--total-kimg", type=float, help="End of training in kimg (extends the last stable phase)  [default: end of the last stable phase]"),
-    click.option("--batch", help="Global batch: N for all resolutions or RES:N,...  [default: PGGAN's 4:128 ... 1024:16; demo: 32]"),
-    click.option("--gpu-batch-cap", help="Largest batch per GPU: N or RES:N,...  [default: 4:256 ... 1024:4]"),
-    click.option("--lr-g", type=float, help=f"Generator learning rate  [default: {_default('schedule.lr_generator')}]"),
-    click.option("--lr-i", type=float, help=f"Inference learning rate  [default: {_default('schedule.lr_inference')}]"),
-    click.option("--lr-e", type=float, help=f"Energy learning rate  [default: {_default('schedule.lr_energy')}]"),
-    click.option("--lr-decay", type=float, help=f"Learning rates x this every --lr-decay-kimg  [default: {_default('schedule.lr_decay')}]"),
-    click.option("--lr-decay-kimg", type=float, help=f"Thousands of images between learning-rate decays  [default: {_default('schedule.lr_decay_kimg')}]"),
-    click.option("--objective", type=click.Choice(sorted(TERMS)), help="The triangle or one of its ablations (paper §3.2)  [default: triangle]"),
-    click.option("--w-rec", type=float, help=f"Weight of the reconstruction term  [default: {_default('objective.w_rec')}]"),
-    click.option("--w-kl", type=float, help=f"Weight of the KL term  [default: {_default('objective.w_kl')}]"),
-    click.option("--kl-reduction", type=click.Choice(["sum", "mean"]), help=f"KL summed over latent dims (D's own) or averaged (the reference code's)  [default: {_default('objective.kl_reduction')}]"),
-    click.option("--w-lat", type=float, help=f"Weight of the latent NLL term  [default: {_default('objective.w_lat')}]"),
-    click.option("--w-e", type=float, help=f"Weight of the energy term in the generator loss  [default: {_default('objective.w_e')}]"),
-    click.option("--w-drift", type=float, help=f"Weight of mean f(data)^2 in the energy step (PGGAN's drift; off = 0)  [default: {_default('objective.w_drift')}]"),
-    click.option("--w-level", type=float, help=f"Weight of ((mean f(data) + mean f(samples))/2)^2 in the energy step: anchors f's level (off = 0)  [default: {_default('objective.w_level')}]"),
-    click.option("--w-r1", type=float, help=f"R1 penalty w/2·|grad_x f(data)|^2 in the energy step (off = 0)  [default: {_default('objective.w_r1')}]"),
-    click.option("--r1-interval", type=click.IntRange(min=1), help=f"Apply R1 on one step in N, weighted xN (lazy regularisation; 1 = every step)  [default: {_default('objective.r1_interval')}]"),
-    click.option("--g-steps", type=int, help=f"θ (generator) steps per iteration  [default: {_default('objective.generator_steps')}]"),
-    click.option("--grad-clip", type=float, help=f"Gradient-norm clip of each network, 0 = off  [default: {_default('objective.grad_clip')}]"),
-    click.option("--fused/--strict", default=None, help="Share passes between the φ and θ steps, or Algorithm 1's strict order  [default: fused]"),
-    click.option("--latent-dim", type=int, help=f"Latent size  [default: {_default('network.latent_dim')}]"),
-    click.option("--channel-base", type=int, help=f"channels(res) = min(channel_base // res, channel_max)  [default: {_default('network.channel_base')}]"),
-    click.option("--channel-max", type=int, help=f"Widest layer  [default: {_default('network.channel_max')}]"),
-    click.option("--logvar-min", type=float, help=f"Floor of the inference model's log variance  [default: {_default('network.logvar_min')}]"),
-    click.option("--normalize-latent/--no-normalize-latent", default=None, help="Pixel-normalise z at the generator's input (PGGAN)  [default: on]"),
-    click.option("--precision", type=click.Choice(["no", "bf16", "fp16"]), help=f"Mixed precision (bf16 recommended on GPUs; overrides the launcher's)  [default: {_default('mixed_precision')}]"),
-    click.option("--ema-kimg", type=float, help=f"Half-life of the generator's EMA in kimg  [default: {_default('ema_kimg')}]"),
-    click.option("--moments", type=click.Choice(["reset", "carry"]), help=f"Adam moments at a stage rebuild: reset (PGGAN) or carry by name  [default: {_default('adam_moments')}]"),
-    click.option("--weight-decay-g", type=float, help=f"Adam weight decay of the generator (see config.py)  [default: {_default('generator_weight_decay')}]"),
-    click.option("--seed", type=int, help=f"Random seed  [default: {_default('seed')}]"),
-    click.option("--tick-kimg", type=float, help=f"Progress line, metrics and grids every this many kimg  [default: {_default('tick_kimg')}]"),
-    click.option("--snap-kimg", type=float, help=f"Checkpoint every this many kimg (and at every stage end)  [default: {_default('checkpoint_kimg')}]"),
-    click.option("--keep", type=int, help=f"Checkpoints kept  [default: {_default('keep_checkpoints')}]"),
-    click.option("--workers", type=int, help=f"DataLoader workers per process  [default: {_default('num_workers')}]"),
-    click.option("--grid-samples", type=int, help=f"Fixed-z samples per grid  [default: {_default('grid_samples')}]"),
-    click.option("--nan-policy", type=click.Choice(["stop", "rollback"]), help=f"On a non-finite loss: stop, or roll back to the last checkpoint with lr x0.5  [default: {_default('nan_policy')}]"),
-    click.option("--deterministic", is_flag=True, default=None, help="torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
-    click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (needs the tensorboard package)"),
+    *(setting.option() for setting in SETTINGS),
     click.option("--allow-config-change", is_flag=True, help="Resume a run whose checkpoint has other settings (never other network shapes)"),
     click.option("--dry-run", is_flag=True, help="Print the configuration and the stage table, then exit"),
     # Hidden test hooks (not part of the run's configuration).

@@ -13,8 +13,8 @@ from triangle.datasets import write_demo_lmdb
 EVAL_RES = 8  # the resolution of the shared data and run
 EVAL_RUN_OPTIONS = [
     "--max-res", str(EVAL_RES), "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16",
-    "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--workers", "0",
-    "--grid-samples", "16", "--tick-kimg", "1", "--snap-kimg", "0.016", "--keep", "10"]
+    "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--num-workers", "0",
+    "--grid-samples", "16", "--tick-kimg", "1", "--checkpoint-kimg", "0.016", "--keep-checkpoints", "10"]
 EVAL_RUN_FINAL = "checkpoint-000000000096.pt"  # 8x8 stable, the run's last checkpoint
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -14,8 +15,9 @@ from triangle.progressive.config import (
     check_resume_compatible,
     config_differences,
     demo_config,
+    flatten,
 )
-from triangle.progressive.train import build_config, main
+from triangle.progressive.train import FIXED_FIELDS, SETTINGS, build_config, main
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +63,107 @@ def test_resume_rules_network_never_schedule_on_request_runtime_always():
     assert list(config_differences(saved, wider.to_dict())) == ["network.channel_max"]
 
 
-def test_help_shows_the_defaults():
+def test_help_shows_every_option_with_its_default():
     out = invoke("--help").output
-    fade = f"{TrainConfig().schedule.fade_kimg}; demo: {demo_config().schedule.fade_kimg}"
-    for text in ("--data", "--max-res", "--fade-kimg", fade, "--objective",
-                 "--precision", "--seed", "--dry-run", "--allow-config-change", "--nan-policy"):
+    for s in SETTINGS:
+        assert s.primary in out and all(old in out for old in s.old), s.field
+    for text in ("--dry-run", "--allow-config-change"):
         assert text in out, text
+    assert out.count("[default:") == len(SETTINGS)
     assert "--debug" not in out
+
+
+def test_each_settable_field_has_exactly_one_option():
+    fields = set(flatten(TrainConfig().to_dict()))
+    named = [s.field for s in SETTINGS]
+    assert len(named) == len(set(named))  # no field set by two options
+    assert set(named) <= fields
+    assert set(named) | FIXED_FIELDS == fields and not set(named) & FIXED_FIELDS
+    params = {p.name: p for p in main.params}
+    flags = [f for p in main.params for f in (*p.opts, *p.secondary_opts)]
+    assert len(flags) == len(set(flags))  # no flag spelled twice
+    for s in SETTINGS:
+        assert params[s.name].opts == [s.primary, *s.old], s.field
+        if s.flag is None:  # the flag is the field's name
+            assert s.primary == "--" + s.field.split(".")[-1].replace("_", "-")
+
+
+def _other_value(setting, value) -> list[str]:
+    """Command-line words that set ``setting`` to a valid value other than ``value``."""
+    if isinstance(value, bool):
+        return [setting.off_flag if value else setting.primary]
+    choices = getattr(setting.type, "choices", None)
+    if choices:
+        return [setting.primary, next(c for c in choices if c != value)]
+    return [setting.primary, str(value + 1)]
+
+
+def _parsed(*args: str) -> dict:
+    return main.make_context("train", list(args)).params
+
+
+def test_each_option_sets_its_field_and_no_other_under_each_spelling(tmp_path):
+    demo = flatten(demo_config().to_dict())
+    for s in SETTINGS:
+        if s.special:
+            continue
+        args = [*_other_value(s, demo[s.field]), "--run-dir", demo["run_dir"]]  # (named after --objective)
+        cfg, _ = build_config(_parsed(*args))
+        got = flatten(cfg.to_dict())
+        assert {k for k in got if got[k] != demo[k]} == {s.field}, args
+        for old in s.old:  # an earlier spelling is the same option
+            assert build_config(_parsed(old, *args[1:]))[0] == cfg, old
+    # The hand-made ones: tables, run directory, resolution.
+    for args, changed in [
+        (["--batch", "4:8"], {"schedule.batch_per_resolution"}),
+        (["--gpu-batch-cap", "2"], {"schedule.per_gpu_batch_cap"}),
+        (["--run-dir", str(tmp_path)], {"run_dir"}),
+        (["--max-res", "8"], {"schedule.max_resolution", "schedule.batch_per_resolution",
+                              "schedule.per_gpu_batch_cap", "run_dir"}),
+    ]:
+        got = flatten(build_config(_parsed(*args))[0].to_dict())
+        assert {k for k in got if got[k] != demo[k]} == changed, args
+
+
+def _shown(setting, value) -> str:
+    """A configuration value as the help must write it."""
+    if value is None:
+        assert setting.none, f"{setting.field}: say what None means"
+        return setting.none
+    if isinstance(value, bool):
+        return setting.primary if value else setting.off_flag
+    if isinstance(value, dict):
+        return (str(next(iter(value.values()))) if len(set(value.values())) == 1
+                else ",".join(f"{r}:{n}" for r, n in sorted(value.items())))
+    return str(value)
+
+
+def _lookup(cfg, field: str):
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_every_help_default_is_the_value_a_run_gets(data):
+    ctx = main.make_context("train", [])
+    demo, _ = build_config(_parsed())  # the bare command: the demo
+    full, _ = build_config(_parsed("--data", data))  # a --data run (data 4..8)
+    preset = TrainConfig()
+    for s in SETTINGS:
+        record = next(p for p in main.params if p.name == s.name).get_help_record(ctx)[1]
+        text = re.search(r"\[default: ([^\]]*)\]", record).group(1)
+        data_text, _, demo_text = text.partition("; demo: ")
+        assert (demo_text or data_text) == _shown(s, _lookup(demo, s.field)), s.field
+        if s.data_default is None:
+            assert data_text == _shown(s, _lookup(preset, s.field)), s.field
+        value = _lookup(full, s.field)
+        if s.field == "data":
+            continue
+        if isinstance(value, dict):  # the tables: the preset's, up to the data's top
+            assert value == {r: n for r, n in _lookup(preset, s.field).items() if r <= 8}
+        elif s.data_default is None:
+            assert value == _lookup(preset, s.field), s.field
+    assert full.max_resolution == 8 and full.run_dir == "runs/d-8-triangle"  # as --help says
 
 
 def test_dry_run_prints_the_configuration_and_the_stage_table(data, tmp_path):
@@ -77,6 +173,7 @@ def test_dry_run_prints_the_configuration_and_the_stage_table(data, tmp_path):
     config = json.loads(result.output[: result.output.index("\n}\n") + 2])
     assert config["schedule"]["max_resolution"] == 8 and config["objective"]["kind"] == "vae"
     assert config["schedule"]["batch_per_resolution"] == {"4": 16, "8": 8}
+    assert {s.field for s in SETTINGS} <= set(flatten(config))  # every option's value
     table = result.output.splitlines()[-3:]
     assert table[0].split()[:2] == ["4", "stable"] and table[1].split()[:2] == ["8", "fade"]
     assert table[1].split()[-1] == "63"  # steps: ceil(500 / 8)

@@ -13,7 +13,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
-        "--grid-samples", "16", "--workers", "0"]
+        "--grid-samples", "16", "--num-workers", "0"]
 
 
 def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):

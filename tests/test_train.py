@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "progressive" / "train.py")
 KIMG = "0.064"  # 4 steps of 16 images per phase
 TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
-        "--fade-kimg", KIMG, "--stable-kimg", KIMG, "--tick-kimg", "0.032", "--snap-kimg", "0.048",
-        "--workers", "0", "--grid-samples", "16", "--max-res", "16", "--deterministic"]
+        "--fade-kimg", KIMG, "--stable-kimg", KIMG, "--tick-kimg", "0.032", "--checkpoint-kimg", "0.048",
+        "--num-workers", "0", "--grid-samples", "16", "--max-res", "16", "--deterministic"]
 TOTAL = 5 * 64  # 4x4, 8 fade, 8 stable, 16 fade, 16 stable
 
 
@@ -205,7 +205,7 @@ def test_a_run_killed_with_sigkill_leaves_no_dataloader_worker_behind(data, tmp_
     # 64 images (48 KiB each, sent as bytes through the result pipe) waiting for it. The workers
     # used to live on as orphans, blocked writing into that pipe (datasets/reader.py).
     run_dir = tmp_path / "preempted"
-    p = _start(["--data", data, "--run-dir", str(run_dir), *TINY, "--workers", "2", "--batch", "64",
+    p = _start(["--data", data, "--run-dir", str(run_dir), *TINY, "--num-workers", "2", "--batch", "64",
                 "--total-kimg", "100", "--debug-step-delay", "0.2"])
     workers: list[psutil.Process] = []
     try:
@@ -395,7 +395,7 @@ def test_the_tools_loader_gives_the_ema_generator_at_its_stage(reference):
 @pytest.mark.parametrize("objective", ["vae", "acd", "wake-sleep"])
 def test_every_ablation_trains_through_the_loop(data, tmp_path, objective):
     run_dir = tmp_path / objective
-    args = [*TINY, "--max-res", "8", "--objective", objective, "--g-steps", "2"]
+    args = [*TINY, "--max-res", "8", "--objective", objective, "--generator-steps", "2"]
     result = run_cli(["--data", data, "--run-dir", str(run_dir), *args])
     assert result.exit_code == 0, result.output
     metrics = jsonl(run_dir / "metrics.jsonl")
