@@ -72,6 +72,12 @@ VARIANTS: dict[str, list[str]] = {
     "r1-every-step": ["--r1-interval", "1"],
     "r1-every-4": ["--r1-interval", "4"],
     "ema-10": ["--ema-kimg", "10"],
+    "rampdown-30": ["--lr-rampdown-kimg", "30"],
+    "rampdown-60": ["--lr-rampdown-kimg", "60"],
+    "batch-16": ["--batch", "16"],
+    "no-pixel-norm": ["--no-pixel-norm"],
+    "beta1-0.9": ["--adam-beta1", "0.9"],
+    "beta1-0": ["--adam-beta1", "0"],
     "phases-20": ["--fade-kimg", "20", "--stable-kimg", "20", "--total-kimg", "100"],
 }
 DEFAULT_VARIANTS = ("triangle", "vae", "acd", "wake-sleep", "reference")
@@ -187,11 +193,11 @@ def cell(row: dict, key: str, fmt: str) -> str:
 def write_table(rows: list[dict], path: Path, header: str) -> None:
     keys = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = [header, "",
-             "| run | kimg | minutes | " + " | ".join(h for _, h, _ in keys) + " |",
-             "|---|---:|---:|" + "---:|" * len(keys)]
+             "| run | kimg | res | minutes | " + " | ".join(h for _, h, _ in keys) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(keys)]
     for r in rows:
         kimg = f"{r['kimg']:g}" + (" (stopped)" if r.get("stopped") else "")
-        lines.append(f"| {r['run']} | {kimg} | {r['seconds'] / 60:.1f} | "
+        lines.append(f"| {r['run']} | {kimg} | {r['resolution']} | {r['seconds'] / 60:.1f} | "
                      + " | ".join(cell(r, k, f) for k, _, f in keys) + " |")
     lines += ["", "Distances: value (floor: training vs held-out images / ceiling: noise vs "
               "held-out). shapes: samples whose shape the demo feature network names with "
@@ -266,9 +272,10 @@ def main(out: Path, data, max_res, phase_kimg, variants, seeds, minutes, jobs, t
     with open(out / "quality.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     source = data or "the built-in demo"
+    top = top_resolution(data, max_res)
     write_table(rows, out / "quality.md",
                 f"Quality study on {source}: {schedule_label(phase_kimg)} to "
-                f"{rows[0]['resolution']}x{rows[0]['resolution']}, device {device}, "
+                f"{top}x{top}, device {device}, "
                 f"torch {torch.__version__}")
     click.echo((out / "quality.md").read_text())
     click.echo(f"wrote {out / 'quality.md'} and {out / 'quality.png'}")

@@ -47,6 +47,9 @@ class NetworkConfig:
     pixel_norm_eps: float = 1e-8
     # Pixel-normalise z at the generator's input (PGGAN): g then sees only z's direction.
     normalize_latent: bool = True
+    # Pixel-normalise the generator's features after every conv (PGGAN's guard against
+    # escalating magnitudes in the G/D game).
+    pixel_norm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "channel_base", "channel_max", "channel_min"):

@@ -44,9 +44,13 @@ def _act(x: Tensor, cfg: NetworkConfig) -> Tensor:
     return nn.functional.leaky_relu(x, cfg.leaky_slope, inplace=True)
 
 
+def _feature_norm(h: Tensor, cfg: NetworkConfig) -> Tensor:
+    return pixel_norm(h, cfg.pixel_norm_eps) if cfg.pixel_norm else h
+
+
 class _GeneratorHead(nn.Module):
     """z -> pixel norm (if ``cfg.normalize_latent``) -> dense to 4x4xC -> conv3x3, each
-    followed by LeakyReLU and pixel norm."""
+    followed by LeakyReLU and pixel norm (if ``cfg.pixel_norm``)."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -60,12 +64,13 @@ class _GeneratorHead(nn.Module):
         if self.cfg.normalize_latent:
             z = pixel_norm(z, eps)
         h = self.dense(z).view(z.shape[0], -1, 4, 4)
-        h = pixel_norm(_act(h, self.cfg), eps)
-        return pixel_norm(_act(self.conv(h), self.cfg), eps)
+        h = _feature_norm(_act(h, self.cfg), self.cfg)
+        return _feature_norm(_act(self.conv(h), self.cfg), self.cfg)
 
 
 class _UpBlock(nn.Module):
-    """Features at R/2 -> nearest up, conv3x3, conv3x3 (LeakyReLU, pixel norm after each) at R."""
+    """Features at R/2 -> nearest up, conv3x3, conv3x3 (LeakyReLU, pixel norm if
+    ``cfg.pixel_norm``, after each) at R."""
 
     def __init__(self, cfg: NetworkConfig, resolution: int) -> None:
         super().__init__()
@@ -75,9 +80,8 @@ class _UpBlock(nn.Module):
         self.conv1 = Conv2d(cout, cout, 3, cfg)
 
     def forward(self, h: Tensor) -> Tensor:
-        eps = self.cfg.pixel_norm_eps
-        h = pixel_norm(_act(self.conv0(upsample(h)), self.cfg), eps)
-        return pixel_norm(_act(self.conv1(h), self.cfg), eps)
+        h = _feature_norm(_act(self.conv0(upsample(h)), self.cfg), self.cfg)
+        return _feature_norm(_act(self.conv1(h), self.cfg), self.cfg)
 
 
 class Generator(_Growable):

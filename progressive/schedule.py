@@ -16,6 +16,7 @@ a stable phase of ``stable_kimg`` thousand images; the last stable phase runs un
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,9 @@ class ScheduleConfig:
     lr_energy: float = 1e-3
     lr_decay: float = 0.998  # learning rates x lr_decay every lr_decay_kimg (reference:
     lr_decay_kimg: float = 50.0  # x0.998 per 500 iterations of 100 images)
+    # Cosine ramp-down of every learning rate to 0 over the last lr_rampdown_kimg before the
+    # end of training (0 = none): see learning_rate_factor.
+    lr_rampdown_kimg: float = 0.0
 
     def __post_init__(self) -> None:
         # Accept JSON-loaded dicts (string keys) transparently.
@@ -63,6 +67,8 @@ class ScheduleConfig:
             raise ValueError(f"max_resolution must be a power of two >= 4, got {res}")
         if self.fade_kimg <= 0 or self.stable_kimg <= 0:
             raise ValueError("fade_kimg and stable_kimg must be positive")
+        if self.lr_rampdown_kimg < 0:
+            raise ValueError("lr_rampdown_kimg must be >= 0")
         for r in resolutions(res):
             for name, table in (("batch_per_resolution", self.batch_per_resolution),
                                 ("per_gpu_batch_cap", self.per_gpu_batch_cap)):
@@ -167,7 +173,7 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
         per_gpu = -(-remaining // world_size)  # ceil: never a zero-image step
         global_batch = per_gpu * world_size
 
-    decay = cfg.lr_decay ** (images_seen / (cfg.lr_decay_kimg * 1000))
+    decay = learning_rate_factor(cfg, images_seen)
     return ScheduleState(
         stage=stage,
         fade_alpha=fade_alpha,
@@ -178,6 +184,22 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
                                      inference=cfg.lr_inference * decay),
         done=done,
     )
+
+
+def learning_rate_factor(cfg: ScheduleConfig, images_seen: int) -> float:
+    """What the learning rates are multiplied by after ``images_seen`` images, in (0, 1].
+
+    ``lr_decay ** (images_seen / (lr_decay_kimg·1000))``, times, over the last
+    ``lr_rampdown_kimg`` before the end of training, ``(1 + cos(π·t)) / 2`` with t going from 0
+    to 1: the step size shrinks to zero, so the last images refine rather than move the weights.
+    """
+    factor = cfg.lr_decay ** (images_seen / (cfg.lr_decay_kimg * 1000))
+    rampdown = cfg.lr_rampdown_kimg * 1000
+    if rampdown > 0:
+        total = total_images(cfg)
+        t = min(1.0, max(0.0, (images_seen - (total - rampdown)) / rampdown))
+        factor *= 0.5 * (1 + math.cos(math.pi * t))
+    return factor
 
 
 def stage_table(cfg: ScheduleConfig, world_size: int = 1) -> list[dict[str, Any]]:

@@ -188,6 +188,8 @@ SETTINGS = [
     Setting("schedule.lr_energy", "Energy learning rate", old=("--lr-e",)),
     Setting("schedule.lr_decay", "Learning rates x this every --lr-decay-kimg"),
     Setting("schedule.lr_decay_kimg", "Thousands of images between learning-rate decays"),
+    Setting("schedule.lr_rampdown_kimg", "Cosine ramp-down of the learning rates to 0 over the "
+            "last this many kimg (0 = none)"),
     Setting("objective.kind", "The triangle or one of its ablations (paper §3.2)",
             flag="--objective", type=click.Choice(sorted(TERMS))),
     Setting("objective.w_rec", "Weight of the reconstruction term"),
@@ -214,10 +216,13 @@ SETTINGS = [
     Setting("network.channel_max", "Widest layer"),
     Setting("network.logvar_min", "Floor of the inference model's log variance"),
     Setting("network.normalize_latent", "Pixel-normalise z at the generator's input (PGGAN)"),
+    Setting("network.pixel_norm", "Pixel-normalise the generator's features after every conv (PGGAN)"),
     Setting("mixed_precision",
             "Mixed precision (bf16 recommended on GPUs; overrides the launcher's)",
             type=click.Choice(PRECISIONS), old=("--precision",)),
     Setting("ema_kimg", "Half-life of the generator's EMA in kimg"),
+    Setting("adam_beta1", "Adam's beta1 of all three networks"),
+    Setting("adam_beta2", "Adam's beta2 of all three networks"),
     Setting("adam_moments", "Adam moments at a stage rebuild: reset (PGGAN) or carry by name",
             type=click.Choice(MOMENT_POLICIES), old=("--moments",)),
     Setting("generator_weight_decay", "Adam weight decay of the generator (see config.py)",
@@ -238,7 +243,7 @@ SETTINGS = [
 
 # The fields no option sets: the presets' values hold (change them in config.py).
 FIXED_FIELDS = frozenset({
-    "demo_count", "demo_holdout", "adam_beta1", "adam_beta2", "adam_eps", "ema_rampup",
+    "demo_count", "demo_holdout", "adam_eps", "ema_rampup",
     "grid_reconstructions", "flip", "rollback_lr_factor", "max_rollbacks",
     "network.channel_min", "network.leaky_slope", "network.init", "network.init_std",
     "network.logvar_max", "network.pixel_norm_eps", "objective.rec_reference_pixels",

@@ -95,6 +95,8 @@ def _other_value(setting, value) -> list[str]:
     choices = getattr(setting.type, "choices", None)
     if choices:
         return [setting.primary, next(c for c in choices if c != value)]
+    if isinstance(value, float) and 0 < value < 1:  # rates, weights, Adam's betas
+        return [setting.primary, str(value / 2)]
     return [setting.primary, str(value + 1)]
 
 

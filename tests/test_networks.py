@@ -300,6 +300,21 @@ def test_the_generator_sees_only_the_direction_of_z_unless_told_otherwise():
         assert same == normalize
 
 
+def test_pixel_norm_of_the_generator_features_can_be_turned_off():
+    """With pixel norm each block's output is invariant to its conv's scale; without, not."""
+    z = torch.randn(3, TINY.latent_dim)
+    for norm in (True, False):
+        cfg = dataclasses.replace(TINY, pixel_norm=norm)
+        torch.manual_seed(0)
+        g = build_network("generator", cfg, Stage(8, False))
+        with torch.no_grad():
+            before = g(z)
+            g.blocks["8"].conv1.weight.mul_(3)
+            g.blocks["8"].conv1.bias.mul_(3)  # LeakyReLU is positively homogeneous: all x3
+            same = torch.allclose(before, g(z), atol=1e-5)
+        assert same == norm
+
+
 def test_the_parameter_table_command():
     """``python -m triangle.networks R`` (the README's table), and a one-line error for a bad R."""
     out = subprocess.run([sys.executable, "-m", "triangle.networks", "8"], capture_output=True,

@@ -88,6 +88,17 @@ def test_learning_rates_decay_with_images_shown():
     assert schedule(4000, cfg).learning_rates.inference == pytest.approx(cfg.lr_inference * 0.25)
 
 
+def test_learning_rates_ramp_down_to_zero_over_the_last_images():
+    cfg = dataclasses.replace(CFG, lr_decay=1.0, lr_rampdown_kimg=2.0, total_kimg=10.0)
+    lr = [schedule(n, cfg).learning_rates for n in (0, 7999, 8000, 9000, 9999)]
+    assert lr[0] == lr[1] == lr[2]  # untouched before the ramp-down
+    assert lr[3].generator == pytest.approx(cfg.lr_generator / 2)  # halfway: cos(π/2)
+    assert lr[3].energy == pytest.approx(cfg.lr_energy / 2)
+    assert 0 < lr[4].inference < 1e-6 * cfg.lr_inference  # the last step: almost zero
+    rates = [st.learning_rates.generator for _, st in run(cfg)]
+    assert rates == sorted(rates, reverse=True)
+
+
 def test_stage_table_lists_every_phase():
     rows = stage_table(CFG)
     assert [(r["resolution"], r["phase"]) for r in rows] == [
@@ -97,7 +108,8 @@ def test_stage_table_lists_every_phase():
 
 
 @pytest.mark.parametrize("bad", [dict(max_resolution=48), dict(max_resolution=2),
-                                 dict(fade_kimg=0), dict(batch_per_resolution={4: 8})])
+                                 dict(fade_kimg=0), dict(batch_per_resolution={4: 8}),
+                                 dict(lr_rampdown_kimg=-1)])
 def test_impossible_settings_are_refused(bad):
     with pytest.raises(ValueError):
         dataclasses.replace(CFG, **bad)
