@@ -35,7 +35,7 @@ def test_config_round_trips_through_json_with_int_keyed_tables():
     cfg = demo_config()
     again = TrainConfig.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
-    assert again.schedule.batch_per_resolution == {4: 32, 8: 32, 16: 32}
+    assert again.schedule.batch_per_resolution == {4: 16, 8: 16, 16: 16}
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({**cfg.to_dict(), "lr": 1})
 
