@@ -41,6 +41,7 @@ from triangle.progressive.config import (
     unflatten,
 )
 from triangle.progressive.objective import KL_REDUCTIONS, TERMS
+from triangle.progressive.preemption import PREEMPTED_EXIT_CODE, Preempted
 from triangle.progressive.schedule import format_stage_table, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
 from triangle.resolutions import is_resolution, resolutions
@@ -352,6 +353,11 @@ def main(**o) -> None:
         if _is_main_rank():
             click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except Preempted as exc:
+        if _is_main_rank():
+            click.echo(f"{exc}: checkpoint written; run the same command to resume "
+                       f"(exit status {PREEMPTED_EXIT_CODE})", err=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ top to bottom, in the shape of stylegan2-ada's ``training_loop``:
    networks, and the EMA update. A non-finite loss stops the run, or rolls it back to the last
    checkpoint (``divergence.py``).
 3. Per-tick maintenance: every ``tick_kimg`` a report (progress line, ``metrics.jsonl``,
-   grids); every ``checkpoint_kimg`` a checkpoint (``checkpoint.py``).
+   grids); every ``checkpoint_kimg`` a checkpoint (``checkpoint.py``); on pre-emption
+   (SIGTERM, SIGUSR1 on any rank: ``preemption.py``) a checkpoint and ``Preempted``.
 
 Only the main process writes files. ``progressive/`` imports nothing of ``metrics/``: the demo's
 per-tick sample-quality score comes in as ``sample_scorer`` (``progressive/train.py`` passes it).
@@ -38,6 +39,7 @@ from .config import TrainConfig, UserError, check_resume_compatible
 from .data import open_training_data, prepare_data, training_batches
 from .divergence import DivergenceError, divergence_message, may_roll_back, roll_back
 from .ema import ema_beta, update_ema
+from .preemption import Preempted, PreemptionWatch
 from .rebuild import rebuild
 from .reporter import Reporter, ScorerFactory
 from .run_dir import Console, accept_run_dir, open_run_dir, stage_label
@@ -88,46 +90,53 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     nan_pending = debug.nan_at_kimg is not None and debug.nan_rank in (None, accelerator.process_index)
     reporter.new_tick(state.images_seen)
 
-    while True:
-        # -- schedule: at the end of a stage, report, checkpoint and grow ----------------------
-        st = schedule(state.images_seen, cfg.schedule, accelerator.num_processes)
-        if st.stage != state.stage or st.done:
-            with reporter.paused():
-                reporter.report(state, final=st.done)
-                if last_checkpoint != state.images_seen:
-                    _save(state, cfg, accelerator, console, "end" if st.done else "stage end", debug)
-                    last_checkpoint = state.images_seen
-                if st.done:
-                    break
-                reporter.rebuilt(rebuild(state, st.stage, cfg, accelerator))
-        if debug.stop_at_kimg is not None and state.images_seen >= debug.stop_at_kimg * 1000:
-            return _finish(state, accelerator, reporter)  # as if killed: no final checkpoint
+    with PreemptionWatch(accelerator) as preemption:
+        while True:
+            # -- schedule: at the end of a stage, report, checkpoint and grow ----------------------
+            st = schedule(state.images_seen, cfg.schedule, accelerator.num_processes)
+            if st.stage != state.stage or st.done:
+                with reporter.paused():
+                    reporter.report(state, final=st.done)
+                    if last_checkpoint != state.images_seen:
+                        _save(state, cfg, accelerator, console, "end" if st.done else "stage end", debug)
+                        last_checkpoint = state.images_seen
+                    if st.done:
+                        break
+                    reporter.rebuilt(rebuild(state, st.stage, cfg, accelerator))
+            if debug.stop_at_kimg is not None and state.images_seen >= debug.stop_at_kimg * 1000:
+                return _finish(state, accelerator, reporter)  # as if killed: no final checkpoint
 
-        # -- step ------------------------------------------------------------------------------
-        poison = nan_pending and state.images_seen >= debug.nan_at_kimg * 1000
-        nan_pending = nan_pending and not poison
-        try:
-            metrics, lrs = _step(state, st, next(batches), step_fn, cfg, accelerator, poison)
-        except NonFiniteLossError as exc:
-            if not may_roll_back(cfg, state):
-                raise DivergenceError(divergence_message(
-                    state, f"{exc.term} loss", f"the {exc.term} loss", step=state.step + 1)) from None
-            state = roll_back(exc, state, cfg, accelerator, console)
-            batches = training_batches(dataset, cfg, accelerator, state.images_seen)
-            last_checkpoint = state.images_seen
-            reporter.new_tick(state.images_seen)
-            continue
-        reporter.accumulate(metrics, st.fade_alpha, lrs)
-        if debug.step_delay_s:
-            time.sleep(debug.step_delay_s)
-
-        # -- per-tick maintenance: report, checkpoint -----------------------------------------
-        if _crossed(state.images_seen, st.global_batch, tick):
-            reporter.report(state)
-        if _crossed(state.images_seen, st.global_batch, snap):
-            with reporter.paused():
-                _save(state, cfg, accelerator, console, f"every {cfg.checkpoint_kimg:g} kimg", debug)
+            # -- step ------------------------------------------------------------------------------
+            poison = nan_pending and state.images_seen >= debug.nan_at_kimg * 1000
+            nan_pending = nan_pending and not poison
+            try:
+                metrics, lrs = _step(state, st, next(batches), step_fn, cfg, accelerator, poison)
+            except NonFiniteLossError as exc:
+                if not may_roll_back(cfg, state):
+                    raise DivergenceError(divergence_message(
+                        state, f"{exc.term} loss", f"the {exc.term} loss", step=state.step + 1)) from None
+                state = roll_back(exc, state, cfg, accelerator, console)
+                batches = training_batches(dataset, cfg, accelerator, state.images_seen)
                 last_checkpoint = state.images_seen
+                reporter.new_tick(state.images_seen)
+                continue
+            reporter.accumulate(metrics, st.fade_alpha, lrs)
+            if debug.step_delay_s:
+                time.sleep(debug.step_delay_s)
+
+            # -- per-tick maintenance: report, checkpoint, pre-emption ---------------------------
+            if _crossed(state.images_seen, st.global_batch, tick):
+                reporter.report(state)
+            if _crossed(state.images_seen, st.global_batch, snap):
+                with reporter.paused():
+                    _save(state, cfg, accelerator, console, f"every {cfg.checkpoint_kimg:g} kimg", debug)
+                    last_checkpoint = state.images_seen
+            signal_name = preemption.agreed(state.step)
+            if signal_name:  # every rank, at the same step
+                if last_checkpoint != state.images_seen:
+                    with reporter.paused():
+                        _save(state, cfg, accelerator, console, f"pre-empted: {signal_name}", debug)
+                raise Preempted(signal_name, state.images_seen)
 
     reporter.done(state)
     return _finish(state, accelerator, reporter)

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from triangle.datasets import write_demo_lmdb
 from triangle.networks import Stage
 from triangle.progressive.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+from triangle.progressive.preemption import CHECK_EVERY_STEPS, PREEMPTED_EXIT_CODE
 from triangle.progressive.schedule import ScheduleConfig, phase_boundaries, stage_table
 from triangle.progressive.train import main
 
@@ -272,6 +273,61 @@ def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path):
     assert final_state(run_dir).images_seen == 192
     out = launch_two_ranks(command).stdout
     assert "resumed from" in out and "checkpoint-000000000192.pt" in out
+    assert_same_weights(final_state(two_ranks), final_state(run_dir))
+
+
+def test_a_sigterm_checkpoints_and_exits_75_and_the_rerun_gives_the_uninterrupted_weights(
+        data, reference, tmp_path):
+    run_dir = tmp_path / "sigterm"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    p = _start([*command, "--debug-step-delay", "0.2"])
+    try:
+        _wait_for(_kimg_reached(run_dir, 64), p)  # the 8x8 fade has begun: steps 4..8
+        os.kill(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == PREEMPTED_EXIT_CODE, out
+    assert "pre-empted (SIGTERM)" in out and "Traceback" not in out
+    # Stopped at the first agreement point after the signal, with its checkpoint written.
+    stopped = final_state(run_dir).images_seen
+    assert 64 < stopped < TOTAL and stopped % (CHECK_EVERY_STEPS * 16) == 0
+    assert list_checkpoints(run_dir)[-1].name == f"checkpoint-{stopped:012d}.pt"
+    rerun = _start(command)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert_same_weights(final_state(reference), final_state(run_dir))
+
+
+def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_ranks, tmp_path):
+    run_dir = tmp_path / "ranks2-sigusr1"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(29500 + random.Random().randrange(1000)), TRAIN, *command,
+         "--debug-step-delay", "0.2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(_kimg_reached(run_dir, 64), launcher)
+        ranks = [c for c in psutil.Process(launcher.pid).children(recursive=True)
+                 if TRAIN in c.cmdline()]
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1].pid, signal.SIGUSR1)  # one rank only, as a node-local signal would
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            for process in psutil.Process(launcher.pid).children(recursive=True):
+                process.kill()
+            launcher.kill()
+            launcher.wait()
+    assert "pre-empted" in out and launcher.returncode != 0, out
+    stopped = final_state(run_dir).images_seen
+    assert 64 < stopped < TOTAL and stopped % (CHECK_EVERY_STEPS * 16) == 0
+    launch_two_ranks(command)
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
