@@ -276,6 +276,31 @@ def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path):
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
+def test_a_run_moves_between_world_sizes_with_its_schedule_and_global_batch(data, reference, tmp_path):
+    """1 process -> 2 ranks -> 1 process: each resume says what is re-seeded; the stage table
+    and every step's global batch stay the single-process run's."""
+    run_dir = tmp_path / "moving"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    result = run_cli([*command, "--debug-stop-at-kimg", "0.2"])
+    assert result.exit_code == 0 and final_state(run_dir).images_seen == 192
+    out = launch_two_ranks([*command, "--debug-stop-at-kimg", "0.29"]).stdout
+    assert "checkpoint from 1 process(es), now 2: random generators re-seeded" in out
+    assert final_state(run_dir).images_seen == 288 and final_state(run_dir).world_size == 2
+    result = run_cli(command)
+    assert result.exit_code == 0, result.output
+    assert "checkpoint from 2 process(es), now 1: random generators re-seeded" in result.output
+    final = final_state(run_dir)
+    assert final.images_seen == TOTAL and final.world_size == 1
+    for state in final.models.values():
+        assert all(torch.isfinite(t).all() for t in state.values())
+    single = {(m["resolution"], m["fading"]): m["global_batch"] for m in jsonl(reference / "metrics.jsonl")}
+    records = jsonl(run_dir / "metrics.jsonl")
+    assert {m["world_size"] for m in records} == {1, 2}
+    for m in records:
+        assert m["global_batch"] == single[(m["resolution"], m["fading"])]
+        assert m["per_gpu_batch"] * m["world_size"] == m["global_batch"]
+
+
 def test_a_sigterm_checkpoints_and_exits_75_and_the_rerun_gives_the_uninterrupted_weights(
         data, reference, tmp_path):
     run_dir = tmp_path / "sigterm"
