@@ -7,6 +7,7 @@ Tiny widths and schedules keep the file to about two minutes on a 2-core CPU.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -354,6 +355,73 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_
     assert 64 < stopped < TOTAL and stopped % (CHECK_EVERY_STEPS * 16) == 0
     launch_two_ranks(command)
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
+
+
+def start_two_nodes(args: list[str], port: int) -> list[subprocess.Popen]:
+    """Two "nodes" on this machine: two launchers with ``--num_machines 2``, one process each,
+    meeting over loopback as two hosts would (``bench/two_nodes.sh`` is the same as a script)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+         "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+         TRAIN, *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)]
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (its ranks run in sessions of their own)."""
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    process.wait()
+
+
+def _end_all(nodes: list[subprocess.Popen]) -> list[str]:
+    """Wait for both nodes (killing them after 300 s); their outputs."""
+    outs = []
+    for node in nodes:
+        try:
+            outs.append(node.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            outs.append("timed out")
+        finally:
+            if node.poll() is None:
+                _kill_tree(node)
+    return outs
+
+
+def test_two_nodes_over_loopback_train_as_two_ranks_and_resume_after_both_are_killed(
+        data, two_ranks, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    port = 29500 + random.Random().randrange(1000)
+    # 1. Both nodes killed (SIGKILL to each launcher's whole process group) mid-run.
+    nodes = start_two_nodes([*command, "--debug-step-delay", "0.2"], port)
+    try:
+        _wait_for(_kimg_reached(run_dir, 160), nodes[0])
+    finally:
+        for node in nodes:
+            _kill_tree(node)
+        _end_all(nodes)
+    assert 0 < final_state(run_dir).images_seen < TOTAL
+    # 2. The same two commands again: resumed, and finished bit for bit as one machine's two
+    # ranks finish uninterrupted.
+    node0, node1 = _end_all(start_two_nodes(command, port + 1))
+    assert "resumed from" in node0 and "done:" in node0, node0
+    assert "kimg" not in node1 and "checkpoint" not in node1, node1  # node 1 writes nothing
+    assert_same_weights(final_state(two_ranks), final_state(run_dir))
+    rebuilds = jsonl(run_dir / "stages.jsonl")
+    assert all(r["world_size"] == 2 and r["rank_checksums"][0] == r["rank_checksums"][1] for r in rebuilds)
+    records = jsonl(run_dir / "metrics.jsonl")
+    after = [m["images_seen"] for m in records if m["images_seen"] > records[0]["images_seen"]]
+    assert len(after) == len(set(after))  # one record per tick: only the global main writes
+    assert {m["global_batch"] for m in records} == {16}
 
 
 def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
