@@ -17,6 +17,7 @@ smallest stored one are derived with the same box filter.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -69,6 +70,9 @@ class Metadata:
     filter: str = "box"
     quality: int = 95
     bytes_per_level: dict[int, int] = field(default_factory=dict)
+    # sha256 of every image's record at the smallest level, in index order (content_hash);
+    # None in LMDBs written before it existed and in StyleGAN-port LMDBs.
+    content_hash: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -83,6 +87,7 @@ class Metadata:
                 "filter": self.filter,
                 "quality": self.quality,
                 "bytes_per_level": {str(r): b for r, b in self.bytes_per_level.items()},
+                "content_hash": self.content_hash,
             }
         ).encode()
 
@@ -108,9 +113,21 @@ class Metadata:
                 filter=d.get("filter", "box"),
                 quality=int(d.get("quality", 95)),
                 bytes_per_level={int(r): int(b) for r, b in d.get("bytes_per_level", {}).items()},
+                content_hash=d.get("content_hash"),
             )
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise DatasetError(f"{path}: damaged metadata record ({e}); prepare it again") from e
+
+
+def content_hash(txn: lmdb.Transaction, count: int, resolution: int) -> str:
+    """sha256 of the records ``r{resolution}/0 .. count-1`` in index order: what tells two
+    copies of a dataset apart (``Metadata.content_hash``; the writer uses the smallest level,
+    48 bytes an image at 4x4)."""
+    digest = hashlib.sha256()
+    for index in range(count):
+        record = txn.get(image_key(resolution, index))
+        digest.update(b"" if record is None else record)
+    return digest.hexdigest()
 
 
 def open_env(path: str | os.PathLike, *, write: bool = False, map_size: int = 0) -> lmdb.Environment:

@@ -9,6 +9,7 @@ record that makes the LMDB readable is written only after the last image.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -31,6 +32,7 @@ from .format import (
     DatasetError,
     Metadata,
     box_downsample,
+    content_hash,
     encode,
     image_key,
 )
@@ -292,6 +294,8 @@ def write_lmdb(
             format_version=FORMAT_VERSION, test_indices=tests, filter=plan.filter, quality=plan.quality,
             bytes_per_level={int(r): b for r, b in state["bytes"].items()},
         )
+        with env.begin() as txn:
+            meta = dataclasses.replace(meta, content_hash=content_hash(txn, count, plan.resolutions[0]))
         # The metadata appears in the same transaction that removes the progress record:
         # readers see either an unfinished preparation or a complete dataset, never between.
         _commit(env, [(META_KEY, meta.to_json())], deletes=(PREP_KEY,))

@@ -9,11 +9,15 @@ this rank its share; DataLoader workers are never respawned, and a stream starte
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from ..datasets import (
@@ -29,17 +33,53 @@ from .schedule import schedule
 
 
 def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> str:
-    """The dataset path: ``cfg.data``, or the demo dataset rendered once into the run directory."""
+    """The dataset path: ``cfg.data``, or the demo dataset rendered into the run directory.
+
+    The main process renders it; then the main process of every other node renders its own
+    copy if it cannot see that one (a run directory that is not shared between nodes). The
+    render is deterministic, and ``check_same_data`` compares the copies."""
     if cfg.data is not None:
         return cfg.data
     path = Path(cfg.run_dir) / DEMO_DATA
     if accelerator.is_main_process and not path.exists():
-        tmp = path.with_name(f".{DEMO_DATA}.tmp")
-        write_demo_lmdb(tmp, count=cfg.demo_count, max_resolution=cfg.max_resolution,
-                        seed=cfg.seed, holdout=cfg.demo_holdout, overwrite=True)
-        tmp.rename(path)
+        _render_demo(cfg, path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not path.exists():
+        _render_demo(cfg, path)
     accelerator.wait_for_everyone()
     return str(path)
+
+
+def _render_demo(cfg: TrainConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{DEMO_DATA}.tmp")
+    write_demo_lmdb(tmp, count=cfg.demo_count, max_resolution=cfg.max_resolution,
+                    seed=cfg.seed, holdout=cfg.demo_holdout, overwrite=True)
+    tmp.rename(path)
+
+
+def check_same_data(meta: Metadata, data_path: str, accelerator: Accelerator) -> None:
+    """Every rank has opened the same dataset (nodes may each hold a local copy): its image
+    count, levels, held-out split and content hash equal rank 0's, else a UserError on every
+    rank naming the first rank that differs and how."""
+    if accelerator.num_processes == 1:
+        return
+    node = (f"rank {accelerator.process_index} on {socket.gethostname()} "
+            f"(node {os.environ.get('GROUP_RANK', '?')})")
+    identity = {"images": meta.count, "levels": meta.resolutions,
+                "held-out images": len(meta.test_indices),
+                "held-out split": _digest(meta.test_indices), "content hash": meta.content_hash}
+    everyone = gather_object([(node, identity)])
+    reference = everyone[0][1]
+    for other, theirs in everyone[1:]:
+        for key, value in theirs.items():
+            if value != reference[key]:
+                raise UserError(f"{data_path} differs between nodes: {other} has {key} {value}, "
+                                f"rank 0 has {reference[key]}; give every node the same dataset")
+
+
+def _digest(values: tuple[int, ...]) -> str:
+    return hashlib.sha256(repr(tuple(values)).encode()).hexdigest()[:16]
 
 
 def open_training_data(cfg: TrainConfig, data_path: str) -> tuple[MultiResolutionDataset, Metadata]:

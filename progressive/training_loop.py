@@ -36,7 +36,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from ..networks import fade_images
 from .checkpoint import Checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig, UserError, check_resume_compatible
-from .data import open_training_data, prepare_data, training_batches
+from .data import check_same_data, open_training_data, prepare_data, training_batches
 from .divergence import DivergenceError, divergence_message, may_roll_back, roll_back
 from .ema import ema_beta, update_ema
 from .preemption import Preempted, PreemptionWatch
@@ -78,6 +78,7 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     console = open_run_dir(Path(cfg.run_dir), accelerator.is_main_process)
     data_path = prepare_data(cfg, accelerator)
     dataset, meta = open_training_data(cfg, data_path)
+    check_same_data(meta, data_path, accelerator)
     state = _start(cfg, accelerator, console, allow_config_change)
     reporter = Reporter(cfg, accelerator, console, data_path, meta, sample_scorer)
     if state.images_seen >= reporter.total:

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
-def start_two_nodes(args: list[str], port: int) -> list[subprocess.Popen]:
+def start_two_nodes(args: list[str], port: int, cwds: tuple = (None, None)) -> list[subprocess.Popen]:
     """Two "nodes" on this machine: two launchers with ``--num_machines 2``, one process each,
     meeting over loopback as two hosts would (``bench/two_nodes.sh`` is the same as a script)."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -366,7 +367,7 @@ def start_two_nodes(args: list[str], port: int) -> list[subprocess.Popen]:
          "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
          "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
          TRAIN, *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwds[node])
         for node in (0, 1)]
 
 
@@ -422,6 +423,44 @@ def test_two_nodes_over_loopback_train_as_two_ranks_and_resume_after_both_are_ki
     after = [m["images_seen"] for m in records if m["images_seen"] > records[0]["images_seen"]]
     assert len(after) == len(set(after))  # one record per tick: only the global main writes
     assert {m["global_batch"] for m in records} == {16}
+
+
+def test_node_local_copies_of_the_data_must_be_the_same_dataset(data, tmp_path):
+    """``--data local.lmdb`` relative to each node's own directory: a node-local copy. The same
+    copy trains; another dataset under the same path stops both nodes with one line."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    shutil.copytree(data, nodes[0] / "local.lmdb")
+    shutil.copytree(data, nodes[1] / "local.lmdb")
+    command = ["--data", "local.lmdb", "--run-dir", str(tmp_path / "run"), *TINY, "--total-kimg", "0.128"]
+    port = 29500 + random.Random().randrange(1000)
+    node0, node1 = _end_all(start_two_nodes(command, port, cwds=nodes))
+    assert "done:" in node0, node0 + node1
+    assert final_state(tmp_path / "run").images_seen == 128
+
+    shutil.rmtree(nodes[1] / "local.lmdb")  # node 1 now holds another rendering of the demo
+    write_demo_lmdb(nodes[1] / "local.lmdb", count=256, max_resolution=16, holdout=16, seed=1)
+    command[3] = str(tmp_path / "run-mismatch")
+    launchers = start_two_nodes(command, port + 1, cwds=nodes)
+    node0, node1 = _end_all(launchers)
+    assert all(n.returncode != 0 for n in launchers)
+    errors = [line for line in node0.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "differs between nodes: rank 1 on" in errors[0], node0
+    assert "(node 1) has content hash" in errors[0] and "Traceback" not in node0.split("Error:")[0]
+    assert latest_checkpoint(tmp_path / "run-mismatch") is None
+
+
+def test_the_demo_is_rendered_on_each_node_when_the_run_dir_is_not_shared(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    command = ["--run-dir", "run", *TINY, "--total-kimg", "0.128"]  # relative: one per node
+    node0, node1 = _end_all(start_two_nodes(command, 29500 + random.Random().randrange(1000), cwds=nodes))
+    assert "done:" in node0, node0 + node1
+    assert (nodes[1] / "run" / "demo.lmdb").exists()  # node 1's own copy ...
+    assert latest_checkpoint(nodes[1] / "run") is None  # ... and nothing else of the run there
+    assert final_state(nodes[0] / "run").images_seen == 128
 
 
 def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
