@@ -74,9 +74,24 @@ def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
 
 
-def upsample(x: Tensor) -> Tensor:
-    """Nearest-neighbour 2x."""
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+# torch's nearest-upsampling kernels index with 32-bit ints: on channels-last tensors the
+# backward refuses a gradient of INT_MAX elements or more ("upsample_nearest_nhwc only supports
+# grad_output tensors with less than INT_MAX elements"), e.g. the generator's fused call on
+# 256 images of 128 channels at 256x256.
+UPSAMPLE_MAX_ELEMENTS = 2**31 - 1
+
+
+def upsample(x: Tensor, max_elements: int = UPSAMPLE_MAX_ELEMENTS) -> Tensor:
+    """Nearest-neighbour 2x of ``x`` (B x C x H x W) -> B x C x 2H x 2W.
+
+    An output of ``max_elements`` or more is computed in batch chunks below that size (the
+    same values, and gradients through ``torch.cat``); smaller ones in one call."""
+    if 4 * x.numel() < max_elements or x.shape[0] == 1:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    per_image = 4 * x[0].numel()
+    chunk = max(1, (max_elements - 1) // per_image)
+    return torch.cat([F.interpolate(part, scale_factor=2.0, mode="nearest")
+                      for part in x.split(chunk)])
 
 
 def downsample(x: Tensor) -> Tensor:

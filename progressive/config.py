@@ -60,7 +60,7 @@ class TrainConfig:
     # EMA of the generator (stylegan2-ada): half-life in kimg, ramp-up as a fraction of images seen.
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05  # None: no ramp-up
-    # Precision: 'bf16' autocast is what to use on GPUs; fp16 shares one GradScaler.
+    # Precision: 'bf16' autocast is what to use on GPUs; 'fp16' is refused (__post_init__).
     mixed_precision: str = "no"
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests of bit-exact resume)
     # Reporting and checkpoints.
@@ -80,6 +80,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.mixed_precision in PRECISIONS, f"mixed_precision must be one of {PRECISIONS}"),
+            # Accelerate's one GradScaler would be unscaled for all three optimisers at the
+            # first clip of a step, and again (an error) at the second: not supported.
+            (self.mixed_precision != "fp16",
+             "mixed precision fp16 is not supported (one loss scaler for three optimisers); "
+             "use bf16"),
             (self.adam_moments in MOMENT_POLICIES, f"adam_moments must be one of {MOMENT_POLICIES}"),
             (self.nan_policy in NAN_POLICIES, f"nan_policy must be one of {NAN_POLICIES}"),
             (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "Adam betas must lie in [0, 1)"),

@@ -201,3 +201,9 @@ def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert sum(line.startswith("Error") for line in result.output.splitlines()) == 1
+
+
+def test_fp16_is_refused_with_one_line():
+    result = invoke("--mixed-precision", "fp16", "--dry-run")
+    assert result.exit_code == 2
+    assert "fp16 is not supported" in result.output and "use bf16" in result.output

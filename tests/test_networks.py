@@ -324,3 +324,23 @@ def test_the_parameter_table_command():
     bad = subprocess.run([sys.executable, "-m", "triangle.networks", "12"], capture_output=True, text=True)
     assert bad.returncode == 2 and "12 is not a power of two" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_upsampling_in_batch_chunks_matches_one_call(monkeypatch):
+    """Above ``max_elements`` (torch's INT_MAX limit on channels-last gradients) the 2x upsampling
+    runs in batch chunks, with the same values and gradients, and keeps channels-last."""
+    from triangle.networks import layers
+
+    x = torch.randn(5, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    reference = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    calls = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate",
+                        lambda t, **kw: calls.append(t.shape[0]) or interpolate(t, **kw))
+    whole = layers.upsample(x)
+    chunked = layers.upsample(x, max_elements=400)  # 192 output elements an image: 2 at a time
+    assert calls == [5, 2, 2, 1]
+    assert torch.equal(whole, reference) and torch.equal(chunked, reference)
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(reference)
+    assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (reference, chunked)))
