@@ -1,13 +1,18 @@
 """Speed of one full α+φ+θ iteration, per resolution, against this machine's peak.
 
     python bench/step.py [--max-res 64] [--device cpu|cuda] [--batch B] [--precision fp32|bf16]
+                         [--schedule]
 
 For each resolution up to ``--max-res`` (stable stage), prints images/s of one iteration at the
-scheduled batch size (or ``--batch``), FLOPs per iteration (torch.utils.flop_counter, forward
-and backward), the achieved FLOP/s as a fraction of the machine's peak — the faster of a large
-fp32 matmul and a 3×3 convolution measured in the same run — and the network passes per
+scheduled per-GPU batch (or ``--batch``), FLOPs per iteration (torch.utils.flop_counter, forward
+and backward), the achieved FLOP/s as a fraction of the dense matmul peak *in the precision it
+runs* (a large fp32 or bf16 matmul measured in the same run; a 3x3 convolution's rate is printed
+beside it), the peak memory of that resolution alone on a GPU, and the network passes per
 iteration (images through each network / batch), fused (default) and strict (Algorithm 1's
 order). The public reference code runs 3 generator, 4 inference and 3 energy passes.
+
+``--schedule``: the hours of the whole 4 -> ``--max-res`` schedule (PGGAN's 600 kimg per fade
+and per stable phase) on one device, each phase at its resolution's measured images/s.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from triangle.networks import NetworkConfig, Stage, build_network
 from triangle.progressive.objective import ObjectiveConfig
-from triangle.progressive.schedule import ScheduleConfig, batch_sizes
+from triangle.progressive.schedule import ScheduleConfig, batch_sizes, stage_table
 from triangle.progressive.step import TrainModels, TrainOptimizers, TriangleStep
 
 
@@ -41,10 +46,11 @@ def timed(fn, device: torch.device, min_seconds: float, min_reps: int = 2) -> fl
     return (time.perf_counter() - start) / reps
 
 
-def machine_peak(device: torch.device, seconds: float) -> tuple[float, float]:
-    """FLOP/s of a large fp32 matmul and of a large 3×3 convolution on ``device``."""
-    n = 4096 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def machine_peak(device: torch.device, seconds: float, precision: str) -> tuple[float, float]:
+    """FLOP/s of a large matmul in ``precision`` and of a large fp32 3x3 convolution."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     matmul = 2 * n**3 / timed(lambda: a @ b, device, seconds)
     batch, ch, size = (64, 512, 32) if device.type == "cuda" else (8, 256, 32)
     x = torch.randn(batch, ch, size, size, device=device)
@@ -81,6 +87,8 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
     opts = TrainOptimizers(*(torch.optim.Adam(m.parameters(), lr=1e-5, betas=(0.5, 0.999))
                              for m in models))
     step = TriangleStep(objective)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this resolution's peak alone
     x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     z = torch.randn(batch, net.latent_dim, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -115,27 +123,31 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="Also time Algorithm 1's strict order, for the ratio.")
 @click.option("--seconds", default=3.0, show_default=True, help="Minimum timing per figure.")
-def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, strict, seconds):
+@click.option("--schedule", "schedule_hours", is_flag=True,
+              help="Also the hours of the whole 4 -> --max-res schedule from these rates.")
+def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, strict, seconds,
+         schedule_hours):
     dev = torch.device(device)
     max_res = max_res or (1024 if dev.type == "cuda" else 64)
     channel_max = channel_max or (512 if dev.type == "cuda" else 256)
     net = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max)
     schedule_cfg = ScheduleConfig(max_resolution=max_res)
-    matmul, conv = machine_peak(dev, seconds)
-    peak = max(matmul, conv)
+    matmul, conv = machine_peak(dev, seconds, precision)
+    peak = matmul
     name = torch.cuda.get_device_name() if dev.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     click.echo(f"device: {name}; torch {torch.__version__}; {precision}; widths: "
                f"channel_max {channel_max}, latent {latent_dim}")
-    click.echo(f"peak: matmul {matmul / 1e9:.1f} GFLOP/s, 3x3 conv {conv / 1e9:.1f} GFLOP/s "
-               f"-> {peak / 1e9:.1f}")
+    click.echo(f"peak: {precision} matmul {matmul / 1e9:.1f} GFLOP/s (the 'of peak' column); "
+               f"fp32 3x3 conv {conv / 1e9:.1f} GFLOP/s")
     click.echo(f"{'res':>5} {'batch':>5} {'img/s':>9} {'GFLOP/it':>10} {'GFLOP/s':>9} "
                f"{'of peak':>7} {'passes G/I/E':>13} | {'strict img/s':>12} {'passes':>9} "
                f"{'fused/strict':>12}")
-    res = min_res
+    res, rates = min_res, {}
     while res <= max_res:
         b = batch or batch_sizes(schedule_cfg, res)[1]
         fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds)
+        rates[res] = b / fused["seconds"]
         rate = fused["flops"] / fused["seconds"]
         p = fused["passes"]
         line = (f"{res:>5} {b:>5} {b / fused['seconds']:>9.1f} {fused['flops'] / 1e9:>10.1f} "
@@ -150,6 +162,24 @@ def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, st
             line += f"  peak {fused['peak_mem_gib']:.1f} GiB"
         click.echo(line)
         res *= 2
+    if schedule_hours:
+        click.echo(format_schedule_hours(schedule_cfg, rates))
+
+
+def format_schedule_hours(cfg: ScheduleConfig, rates: dict[int, float]) -> str:
+    """The schedule's hours per resolution (fade + stable at that resolution's images/s) and in
+    all; resolutions without a measured rate are named, not guessed."""
+    seconds: dict[int, float] = {}
+    for row in stage_table(cfg):
+        r = row["resolution"]
+        images = (row["end_kimg"] - row["start_kimg"]) * 1000
+        seconds[r] = seconds.get(r, 0.0) + (images / rates[r] if r in rates else float("nan"))
+    lines = [f"schedule 4 -> {cfg.max_resolution} ({cfg.fade_kimg:g} kimg per fade and per stable "
+             "phase) on one device:"]
+    lines += [f"{r:>5}: {s / 3600:7.2f} h" for r, s in seconds.items()]
+    lines.append(f"total: {sum(seconds.values()) / 3600:.2f} h"
+                 + ("" if all(r in rates for r in seconds) else " (some resolutions not measured)"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
