@@ -74,6 +74,10 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips of the real images
     # Divergence guard.
     nan_policy: str = "stop"  # 'stop', or 'rollback' to the last checkpoint with a lower lr
+    # The losses' finiteness is read back from the device every this many steps, and before
+    # every report, checkpoint and rebuild (so no checkpoint holds a non-finite step); 1 reads
+    # it before every optimiser step, a host synchronisation each (TriangleStep.verify).
+    finite_check_steps: int = 8
     rollback_lr_factor: float = 0.5  # learning rates x this after each roll-back
     max_rollbacks: int = 3  # then stop
 
@@ -91,6 +95,7 @@ class TrainConfig:
             (self.ema_kimg > 0, "ema_kimg must be positive"),
             (self.tick_kimg > 0 and self.checkpoint_kimg > 0, "tick_kimg and checkpoint_kimg must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.finite_check_steps >= 1, "finite_check_steps must be >= 1"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.grid_samples >= 1 and self.grid_reconstructions >= 0, "grid sizes must be positive"),
             (self.demo_count > self.demo_holdout >= 0, "demo_count must exceed demo_holdout"),
@@ -186,7 +191,7 @@ def demo_config() -> TrainConfig:
 # Settings that only change how the run is reported or stored: they may differ on resume.
 RUNTIME_FIELDS = frozenset({
     "run_dir", "tick_kimg", "checkpoint_kimg", "keep_checkpoints", "grid_samples",
-    "grid_reconstructions", "tensorboard", "num_workers", "max_rollbacks",
+    "grid_reconstructions", "tensorboard", "num_workers", "max_rollbacks", "finite_check_steps",
 })
 
 

@@ -1,6 +1,6 @@
-"""The divergence guard (docs/design.md, "Runs and checkpoints"): a non-finite loss (checked on
-every rank before each step, ``step.NonFiniteLossError``) or weight (checked at each report and
-checkpoint) stops every rank with one line and leaves the last checkpoint untouched; with
+"""The divergence guard (docs/design.md, "Runs and checkpoints"): a non-finite loss (read back
+from every rank every few steps and before anything is saved, ``step.NonFiniteLossError``) or
+weight (checked at each report and checkpoint) stops every rank with one line and leaves the last checkpoint untouched; with
 ``--nan-policy rollback`` a non-finite loss instead reloads that checkpoint with the learning
 rates scaled down (``roll_back``), at most ``max_rollbacks`` times.
 """
@@ -24,7 +24,8 @@ def divergence_message(state: RunState, term: str, what: str, step: int | None =
     """The one line that stops a diverged run: which term, where, and what to do."""
     label = stage_label(state.stage.resolution, state.stage.fading)
     step = state.step if step is None else step
-    return (f"non-finite {term} at step {step} (kimg {state.images_seen / 1000:g}, stage "
+    where = "kimg" if step > state.step - 1 else "found by kimg"  # a deferred check: later
+    return (f"non-finite {term} at step {step} ({where} {state.images_seen / 1000:g}, stage "
             f"{label}): {what} became NaN/inf. The last checkpoint is intact; re-run the same "
             f"command to resume from it, with lower learning rates (--lr-generator/--lr-inference/--lr-energy) "
             f"and --allow-config-change, or pass --nan-policy rollback")

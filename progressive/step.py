@@ -60,12 +60,15 @@ class TrainOptimizers(NamedTuple):
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss was NaN or infinite; raised before the optimiser step that would apply it."""
+    """A loss was NaN or infinite: raised before the optimiser step that would apply it, or,
+    when checks are deferred (``TriangleStep.verify``), ``steps_before_last`` steps before the
+    last one taken (whose weights it has then reached)."""
 
-    def __init__(self, term: str, value: float):
+    def __init__(self, term: str, value: float, steps_before_last: int | None = None):
         super().__init__(f"non-finite {term} loss ({value})")
         self.term = term
         self.value = value
+        self.steps_before_last = steps_before_last
 
 
 class TriangleStep:
@@ -76,26 +79,53 @@ class TriangleStep:
     ``z`` (B×d) and the fade level; ``regularize`` says whether this step applies the lazy R1
     penalty (the caller's step count modulo ``cfg.r1_interval``). Returns detached 0-d tensors
     for logging (``r1`` only on regularised steps); nothing is synchronised with the host except
-    the finiteness checks of the three losses.
+    the finiteness checks of the three losses, and with ``defer_checks`` not even those: each
+    step records on the device whether its losses were finite, and :meth:`verify` (the caller's,
+    every few steps and before anything is saved) reads them back at once.
     """
 
-    def __init__(self, cfg: ObjectiveConfig):
+    def __init__(self, cfg: ObjectiveConfig, defer_checks: bool = False):
         self.cfg = cfg
+        self.defer_checks = defer_checks
+        # (steps since the last verify, term, device bool "not finite") of each deferred check
+        self._pending: list[tuple[int, str, Tensor]] = []
+        self._steps = 0
 
     def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
                  z: Tensor, fade_alpha: float, accelerator: Any = None, *,
                  regularize: bool = True) -> dict[str, Tensor]:
-        run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator, regularize)
+        deferred = self._defer if self.defer_checks else None
+        self._steps += 1
+        run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator, regularize, deferred)
         # The networks run channels-last (networks/layers.py); so should their input.
         return run.iteration(x_real.contiguous(memory_format=torch.channels_last), z)
+
+    def _defer(self, name: str, loss: Tensor) -> None:
+        self._pending.append((self._steps, name, ~torch.isfinite(loss.detach()).reshape(())))
+
+    def verify(self, accelerator: Any = None) -> None:
+        """Raise NonFiniteLossError on every rank if any loss since the last call was not
+        finite on any rank (one host synchronisation); then start afresh."""
+        pending, steps = self._pending, self._steps
+        self._pending, self._steps = [], 0
+        if not pending:
+            return
+        flags = torch.stack([bad for _, _, bad in pending]).float()
+        if accelerator is not None and accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="max")
+        for (step, name, _), bad in zip(pending, flags.tolist(), strict=True):
+            if bad:
+                raise NonFiniteLossError(name, float("nan"), steps_before_last=steps - step)
 
 
 class _Runner:
     """The state of one iteration: which calls go through the wrapped networks."""
 
     def __init__(self, cfg: ObjectiveConfig, models: TrainModels, optimizers: TrainOptimizers,
-                 fade_alpha: float, accelerator: Any, regularize: bool = True):
+                 fade_alpha: float, accelerator: Any, regularize: bool = True,
+                 deferred: Any = None):
         self.cfg, self.terms = cfg, cfg.terms
+        self.deferred = deferred  # where a deferred check goes (TriangleStep._defer), or None
         self.r1_weight = cfg.w_r1 * cfg.r1_interval if regularize else 0.0  # lazy R1
         self.wrapped, self.optimizers, self.fade_alpha = models, optimizers, fade_alpha
         self.accelerator = accelerator
@@ -116,6 +146,9 @@ class _Runner:
 
         Every rank must stop together: a rank that stopped alone would leave the others
         waiting in the next all-reduce until the timeout."""
+        if self.deferred is not None:
+            self.deferred(name, loss)
+            return
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="max")

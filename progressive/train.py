@@ -238,6 +238,8 @@ SETTINGS = [
     Setting("nan_policy",
             "On a non-finite loss: stop, or roll back to the last checkpoint with lr x0.5",
             type=click.Choice(NAN_POLICIES)),
+    Setting("finite_check_steps", "Read the losses' finiteness back every N steps (and before "
+            "every report and checkpoint); 1 = before every optimiser step"),
     Setting("deterministic", "torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
     Setting("tensorboard", "Also log to TensorBoard (needs the tensorboard package)"),
 ]

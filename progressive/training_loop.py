@@ -39,7 +39,7 @@ from .config import TrainConfig, UserError, check_resume_compatible
 from .data import check_same_data, open_training_data, prepare_data, training_batches
 from .divergence import DivergenceError, divergence_message, may_roll_back, roll_back
 from .ema import ema_beta, update_ema
-from .preemption import Preempted, PreemptionWatch
+from .preemption import CHECK_EVERY_STEPS, Preempted, PreemptionWatch
 from .rebuild import rebuild
 from .reporter import Reporter, ScorerFactory
 from .run_dir import Console, accept_run_dir, open_run_dir, stage_label
@@ -74,7 +74,7 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     set_seed(cfg.seed, device_specific=True)  # the global generators differ per rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    step_fn = TriangleStep(cfg.objective)
+    step_fn = TriangleStep(cfg.objective, defer_checks=cfg.finite_check_steps > 1)
     console = open_run_dir(Path(cfg.run_dir), accelerator.is_main_process)
     data_path = prepare_data(cfg, accelerator)
     dataset, meta = open_training_data(cfg, data_path)
@@ -110,12 +110,17 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
             # -- step ------------------------------------------------------------------------------
             poison = nan_pending and state.images_seen >= debug.nan_at_kimg * 1000
             nan_pending = nan_pending and not poison
+            verify = _verify_due(state, st, cfg, accelerator.num_processes, (tick, snap))
             try:
                 metrics, lrs = _step(state, st, next(batches), step_fn, cfg, accelerator, poison)
+                if verify:  # before anything below reports, saves or rebuilds this step
+                    step_fn.verify(accelerator)
             except NonFiniteLossError as exc:
                 if not may_roll_back(cfg, state):
+                    bad_step = (state.step + 1 if exc.steps_before_last is None
+                                else state.step - exc.steps_before_last)
                     raise DivergenceError(divergence_message(
-                        state, f"{exc.term} loss", f"the {exc.term} loss", step=state.step + 1)) from None
+                        state, f"{exc.term} loss", f"the {exc.term} loss", step=bad_step)) from None
                 state = roll_back(exc, state, cfg, accelerator, console)
                 batches = training_batches(dataset, cfg, accelerator, state.images_seen)
                 last_checkpoint = state.images_seen
@@ -205,6 +210,18 @@ def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: Tria
     state.images_seen += st.global_batch
     state.step += 1
     return metrics, lrs
+
+
+def _verify_due(state: RunState, st: ScheduleState, cfg: TrainConfig, world: int,
+                periods: tuple[int, ...]) -> bool:
+    """Whether the step about to be taken must end with ``TriangleStep.verify``: every
+    ``finite_check_steps`` and ``CHECK_EVERY_STEPS`` steps (a pre-emption checkpoint may
+    follow), at a tick or checkpoint boundary, and at the end of a stage or of training."""
+    step, after = state.step + 1, state.images_seen + st.global_batch
+    following = schedule(after, cfg.schedule, world)
+    return (step % cfg.finite_check_steps == 0 or step % CHECK_EVERY_STEPS == 0
+            or any(_crossed(after, st.global_batch, every) for every in periods)
+            or following.stage != st.stage or following.done)
 
 
 def _crossed(images_seen: int, step_images: int, every: int) -> bool:

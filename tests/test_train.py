@@ -485,6 +485,29 @@ def test_a_nan_stops_the_run_with_the_last_checkpoint_intact(data, tmp_path):
     assert final_state(run_dir).lr_scale == 0.5
 
 
+def test_a_deferred_nan_check_names_the_step_and_never_reaches_a_checkpoint(data, tmp_path):
+    """Losses read back only every few steps: the NaN of step 6 (images 80..96, mid-tick)
+    reaches the weights, is found after step 8 (the stage's end, before its checkpoint) and
+    reported as step 6; no checkpoint after it is written. The roll-back then finishes the run."""
+    run_dir = tmp_path / "deferred"
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY, "--tick-kimg", "1",
+               "--checkpoint-kimg", "0.128", "--finite-check-steps", "64"]
+    result = run_cli([*command, "--debug-nan-at-kimg", "0.07"])
+    assert result.exit_code == 1
+    assert "non-finite" in result.output and "at step 6 " in result.output, result.output
+    assert [c.name for c in list_checkpoints(run_dir)][-1] == "checkpoint-000000000064.pt"
+    for path in list_checkpoints(run_dir):
+        for state in Checkpoint.load(path).models.values():
+            assert all(torch.isfinite(t).all() for t in state.values())
+    result = run_cli([*command, "--debug-nan-at-kimg", "0.07", "--nan-policy", "rollback",
+                      "--allow-config-change"])
+    assert result.exit_code == 0 and "rolling back" in result.output, result.output
+    final = final_state(run_dir)
+    assert final.images_seen == TOTAL and final.lr_scale == 0.5
+    for state in final.models.values():
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
 def test_a_nan_on_one_rank_stops_both_ranks(data, tmp_path):
     """Without a cross-rank check the healthy rank would wait in the next all-reduce until the
     collective timeout (30 minutes); here both stop at once (the launch's timeout is 300 s)."""
