@@ -1,8 +1,8 @@
 """The divergence guard (docs/design.md, "Runs and checkpoints"): a non-finite loss (read back
 from every rank every few steps and before anything is saved, ``step.NonFiniteLossError``) or
-weight (checked at each report and checkpoint) stops every rank with one line and leaves the last checkpoint untouched; with
-``--nan-policy rollback`` a non-finite loss instead reloads that checkpoint with the learning
-rates scaled down (``roll_back``), at most ``max_rollbacks`` times.
+weight (checked at each report and checkpoint) stops every rank with one line and leaves the
+last checkpoint untouched; with ``--nan-policy rollback`` a non-finite loss instead reloads that
+checkpoint with the learning rates scaled down (``roll_back``), at most ``max_rollbacks`` times.
 """
 
 from __future__ import annotations
