@@ -58,8 +58,8 @@ from .fid import FeatureStats, FIDError, fid_from_stats
 WEIGHTS_FILE = Path(__file__).with_name("demo_features.pt")
 REBUILD_COMMAND = "python tools/train_demo_features.py"
 INTERNAL_SIZE = 32  # every input is resized to this before the first convolution
-# 64: SciPy's sqrtm (in the Fréchet distance) switches to a blocked algorithm above 64 x 64,
-# 250x slower (96: 0.25 s a call, 64: 1 ms), and the training loop scores every tick.
+# 64: small enough that the Fréchet distance (two 64 x 64 eigendecompositions) costs nothing
+# beside the forward pass, and the training loop scores every tick.
 FEATURE_DIM = 64
 TRAIN_SEED = 12345  # demo seed of the training renders; the demo dataset defaults to seed 0
 TRAIN_RESOLUTIONS = (8, 16, 32, 64)
@@ -557,7 +557,7 @@ def demo_outputs(net: DemoFeatureNet, images: Tensor | Iterable[Tensor],
 
 class DemoReference:
     """Held-out statistics and the floor / noise distances, computed once; :meth:`score` then
-    rates any number of sample batches cheaply (one forward pass and a 64 x 64 sqrtm each).
+    rates any number of sample batches cheaply (one forward pass and a 64-d Fréchet distance each).
 
     ``reference``: held-out images (N x 3 x R x R in [-1, 1]; several hundred, more than
     FEATURE_DIM, keep the covariance well conditioned) or their precomputed FeatureStats.

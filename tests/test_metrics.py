@@ -49,6 +49,27 @@ def _train_images(data: str, indices) -> torch.Tensor:
 # FID / KID
 
 
+@pytest.mark.parametrize("condition", [1e1, 1e8])  # well and badly conditioned covariances
+def test_the_frechet_distance_equals_scipys_sqrtm_form(condition):
+    """Ours (eigh, no sqrtm) against |μa − μb|² + tr Σa + tr Σb − 2 tr sqrtm(Σa Σb) in float64."""
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(0)
+    d = 48
+
+    def covariance():
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        return (q * np.geomspace(1.0, 1.0 / condition, d)) @ q.T
+
+    a = FeatureStats(rng.normal(size=d), covariance(), np.zeros((0, d)))
+    b = FeatureStats(rng.normal(size=d), covariance(), np.zeros((0, d)))
+    covmean = sqrtm(a.sigma @ b.sigma).real
+    diff = a.mu - b.mu
+    direct = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean)
+    assert fid_from_stats(a, b) == pytest.approx(direct, rel=1e-6)
+    assert fid_from_stats(a, a) == pytest.approx(0, abs=1e-6)
+
+
 def test_fid_separates_same_distribution_from_noise(eval_data, tmp_path):
     extractor = RandomConvFeatures(seed=0)
     a, _, _ = data_statistics(eval_data, RES, extractor, count=72, batch=32)

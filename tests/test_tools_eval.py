@@ -187,7 +187,7 @@ def test_inception_features_through_clean_fids_wrapper(stand_in_inception):
 
 @pytest.mark.slow
 def test_fid_tool_with_inception_path(eval_run, eval_data, stand_in_inception, tmp_path):
-    """The whole tool with --inception (slow: scipy's sqrtm of 2048 x 2048 takes about a minute)."""
+    """The whole tool with --inception (slow: the stand-in Inception network on the CPU)."""
     result = invoke("fid", [eval_run, "--data", eval_data, "--inception", stand_in_inception,
                             "--num-samples", 20, "--num-real", 20, "--workers", 0,
                             "--stats-dir", tmp_path / "stats"])
