@@ -4,7 +4,8 @@ Endpoints are either prior samples or the inference model's means ``mu(q(x))`` o
 images. ``slerp`` (the default) follows the great circle between the endpoints, where prior
 samples of high dimension live (White, 2016, "Sampling generative networks"); ``lerp`` is the
 straight line, whose midpoints have a smaller norm than any typical ``z``. Both return the
-endpoints exactly at t = 0 and t = 1.
+endpoints exactly at t = 0 and t = 1. ``circle`` walks the whole great circle through both
+(at ``z0``'s norm) and returns to ``z0`` at t = 1: a walk that loops, for animations.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MODES = ("slerp", "lerp")
+MODES = ("slerp", "lerp", "circle")
 
 
 def lerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
@@ -34,15 +35,32 @@ def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
     return z0[:, None] * w0 + z1[:, None] * w1
 
 
+def circle(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+    """The great circle through ``z0`` and ``z1`` at radius |z0|, from z0 (t = 0) through the
+    direction of z1 and back to z0 (t = 1): B x T x d. Rows with parallel endpoints turn
+    towards a fixed direction orthogonal to z0 instead."""
+    t = t.view(1, -1, 1).to(z0)
+    radius = z0.norm(dim=1, keepdim=True)
+    e0 = z0 / radius
+    e1 = z1 - (z1 * e0).sum(1, keepdim=True) * e0
+    fallback = torch.roll(e0, 1, dims=1) - (torch.roll(e0, 1, dims=1) * e0).sum(1, keepdim=True) * e0
+    e1 = torch.where(e1.norm(dim=1, keepdim=True) < 1e-6, fallback, e1)
+    e1 = e1 / e1.norm(dim=1, keepdim=True)
+    angle = 2 * torch.pi * t
+    return radius[:, None] * (torch.cos(angle) * e0[:, None] + torch.sin(angle) * e1[:, None])
+
+
 def latent_walks(z0: Tensor, z1: Tensor, steps: int, mode: str = "slerp") -> Tensor:
-    """``steps`` >= 2 latents per row from ``z0[i]`` to ``z1[i]``: (B·steps) x d, row after row."""
+    """``steps`` >= 2 latents per row from ``z0[i]`` to ``z1[i]`` (``circle``: from and back to
+    ``z0[i]``): (B·steps) x d, row after row."""
     if steps < 2:
         raise ValueError(f"a walk needs at least 2 steps, got {steps}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     t = torch.linspace(0, 1, steps)
-    walks = (slerp if mode == "slerp" else lerp)(z0, z1, t)
-    walks[:, 0], walks[:, -1] = z0, z1  # exact endpoints, whatever the rounding above
+    walks = {"slerp": slerp, "lerp": lerp, "circle": circle}[mode](z0, z1, t)
+    # exact endpoints, whatever the rounding above
+    walks[:, 0], walks[:, -1] = z0, (z0 if mode == "circle" else z1)
     return walks.reshape(-1, z0.shape[1])
 
 

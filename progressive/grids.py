@@ -1,4 +1,5 @@
-"""Sample grids from a fixed z and reconstructions of fixed held-out images, as PNG files."""
+"""Sample grids from a fixed z and reconstructions of fixed held-out images, as PNG files
+(and latent walks as GIF animations)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
@@ -22,6 +24,19 @@ def save_images(images: Tensor, path: str | os.PathLike, nrow: int) -> None:
     """Images in [-1, 1] (N x 3 x R x R) as one PNG grid of ``nrow`` images per row."""
     grid = make_grid(_enlarge(images.float().cpu()), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     save_image(grid, path)
+
+
+def save_animation(images: Tensor, rows: int, path: str | os.PathLike, frame_ms: int = 120) -> None:
+    """Images in [-1, 1], ``rows`` walks of equal length one after the other ((rows·T) x 3 x R x
+    R), as a looping GIF of T frames: frame k holds step k of every walk side by side."""
+    steps = images.shape[0] // rows
+    big = _enlarge(images.float().cpu())
+    walks = big.view(rows, steps, *big.shape[1:])
+    frames = []
+    for k in range(steps):
+        strip = make_grid(walks[:, k], nrow=rows, padding=2, normalize=True, value_range=(-1, 1))
+        frames.append(Image.fromarray(strip.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
 
 @torch.no_grad()

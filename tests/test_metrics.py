@@ -196,6 +196,15 @@ def test_slerp_follows_the_circle_and_lerp_the_line():
         latent_walks(z0, z1, 1)
 
 
+def test_the_circle_walk_goes_round_through_both_directions_and_returns():
+    z0, z1 = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[1.0, 5.0, 0.0]])
+    walk = latent_walks(z0, z1, 5, "circle")  # quarter turns
+    assert torch.equal(walk[0], z0[0]) and torch.equal(walk[-1], z0[0])  # back to the start
+    assert torch.allclose(walk[1], torch.tensor([0.0, 2.0, 0.0]), atol=1e-6)  # z1's direction
+    assert torch.allclose(walk[2], torch.tensor([-2.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(walk.norm(dim=1), torch.full((5,), 2.0))  # at z0's norm throughout
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint loader
 

@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -101,6 +102,16 @@ def test_interpolate_tool(eval_run, eval_data, tmp_path):
     assert Image.open(default).size == grid_size(4, 2)
     bad = invoke("interpolate", [eval_run, "--from-images", eval_data, 0, 999])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "out of range" in bad.output
+    # An animated, looping walk: one frame per step, every row side by side in each.
+    result = invoke("interpolate", [eval_run, "--out", out, "--rows", 2, "--steps", 6,
+                                    "--mode", "circle", "--gif"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out.with_suffix(".gif")) as gif:
+        assert gif.n_frames == 6 and gif.size == grid_size(2, 1)
+        gif.seek(0)
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(5)
+        assert np.array_equal(np.asarray(gif.convert("RGB")), first)  # the circle closes
 
 
 def test_sample_tool(eval_run, tmp_path):

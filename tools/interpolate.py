@@ -1,11 +1,14 @@
 """Latent walks (paper Fig. 9): each row goes from g(z0) to g(z1) in --steps images.
 
     python tools/interpolate.py RUN_DIR_OR_CHECKPOINT [--out strip.png] [--rows 4] [--steps 8]
-        [--seed 0] [--mode slerp|lerp] [--from-images LMDB I J ...] [--device cuda] [--ema/--raw]
+        [--seed 0] [--mode slerp|lerp|circle] [--from-images LMDB I J ...] [--gif]
+        [--device cuda] [--ema/--raw]
 
 Endpoints are prior samples z ~ N(0, I) (seeded), or, with ``--from-images LMDB I J`` (one row
 per use), the inference model's means mu(q(x)) of images I and J of the LMDB's --split.
 Small resolutions are enlarged (nearest) to at least 64 pixels per image in the PNG.
+``--gif`` also writes the walk as an animation (the PNG's name with .gif): frame k shows step k
+of every row side by side; ``--mode circle`` makes it loop.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from triangle.datasets import MultiResolutionDataset
 from triangle.metrics.interpolation import MODES, latent_walks, random_endpoints
 from triangle.metrics.reconstruction import dataset_images
-from triangle.progressive.grids import generate, save_images
+from triangle.progressive.grids import generate, save_animation, save_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also when loaded by path
 import _cli  # noqa: E402
@@ -39,11 +42,14 @@ import _cli  # noqa: E402
               metavar="LMDB I J", help="Walk between mu(q(x_I)) and mu(q(x_J)); repeat for more rows.")
 @click.option("--split", type=click.Choice(["all", "train", "test"]), default="all", show_default=True,
               help="Split that I and J index.")
+@click.option("--gif", is_flag=True, help="Also write the walk as an animated GIF beside the PNG.")
+@click.option("--frame-ms", type=click.IntRange(min=10), default=120, show_default=True,
+              help="Milliseconds per GIF frame.")
 @_cli.device_option
 @click.option("--ema/--raw", default=None,
               help="Generator weights  [default: EMA for random endpoints, raw (q_φ's partner) "
                    "with --from-images]")
-def main(checkpoint, out, rows, steps, seed, mode, from_images, split, device, ema):
+def main(checkpoint, out, rows, steps, seed, mode, from_images, split, gif, frame_ms, device, ema):
     """Latent interpolation strips from RUN_DIR_OR_CHECKPOINT (a run dir: its newest checkpoint)."""
     device = _cli.resolve_device(device)
     ema = (not from_images) if ema is None else ema
@@ -68,6 +74,10 @@ def main(checkpoint, out, rows, steps, seed, mode, from_images, split, device, e
     source = "mu(q(x)) of the given images" if from_images else f"random z (seed {seed})"
     click.echo(f"{loaded.path.name} ({res}x{res}, {'ema' if ema else 'raw'}): {z0.shape[0]} {mode} "
                f"walks of {steps} from {source} -> {out}")
+    if gif:
+        animation = out.with_suffix(".gif")
+        save_animation(images, z0.shape[0], animation, frame_ms)
+        click.echo(f"animation of {steps} frames -> {animation}")
 
 
 if __name__ == "__main__":
