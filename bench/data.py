@@ -13,7 +13,7 @@ compress like photos). Printed:
   one GPU (``batch_sizes`` of the default schedule: 128 at 4², 64 at 32², 32 at 128², 16 at
   256², 4 at 1024²; ``--batch N`` for one size everywhere): ours (uint8, read the way the
   trainer reads it: ``DataLoader(ds, batch_sampler=ScheduledBatchSampler, num_workers=k,
-  persistent_workers=k>0)``, the default collate) against (a) PIL-decoding a JPEG stored per
+  persistent_workers=k>0, collate_fn=collate_images)``) against (a) PIL-decoding a JPEG stored per
   level in LMDB with the ports' transform (flip, ToTensor, Normalize) and (b) torchvision
   ImageFolder resizing the 1024 JPEGs on the fly; both baselines with DataLoader's own
   batching at the same batch size (ImageFolder: at most 16, as it reads few images).
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from triangle.datasets import (
     MultiResolutionDataset,
     ScheduledBatchSampler,
+    collate_images,
     folder_source,
     write_lmdb,
 )
@@ -207,7 +208,8 @@ def main(images, reads, batch, repeats, workers, resolutions, workdir):
             rates: dict[str, list[float]] = {"ours": [], "item": [], "port": [], "imf": []}
             for _ in range(repeats):  # interleaved, so a burst of load hits every reader alike
                 sampler = ScheduledBatchSampler(len(ds), lambda _n, r=res, b=b: (r, b), seed=0)
-                rates["ours"].append(_rate(DataLoader(ds, batch_sampler=sampler, **kw), n, w))
+                rates["ours"].append(_rate(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_images,
+                                                      **kw), n, w))
                 sampler = ScheduledBatchSampler(len(ds), lambda _n, r=res, b=b: (r, b), seed=0)
                 rates["item"].append(_rate(DataLoader(ItemByItem(ds), batch_sampler=sampler, **kw), n, w))
                 rates["port"].append(_rate(DataLoader(port_ds, batch_size=b, **kw,

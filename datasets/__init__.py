@@ -5,7 +5,7 @@ Imports nothing from ``networks`` or ``progressive`` (docs/design.md, "Where thi
 
 from .demo import SHAPES, demo_factors, render_demo_image
 from .format import DatasetError, Metadata, box_downsample, read_metadata
-from .reader import MultiResolutionDataset, split_indices
+from .reader import MultiResolutionDataset, collate_images, split_indices
 from .sampler import ScheduledBatchSampler
 from .sources import Source, celebahq_source, demo_source, folder_source, torchvision_source
 from .verify import VerifyReport, verify_lmdb
@@ -23,6 +23,7 @@ __all__ = [
     "box_downsample",
     "build_levels",
     "celebahq_source",
+    "collate_images",
     "demo_factors",
     "demo_source",
     "folder_source",

@@ -7,23 +7,22 @@ flip)``, so the resolution can change from one batch to the next with the same w
 
 DataLoader hands each whole batch to ``__getitems__``: one LMDB transaction, every image
 decoded (or, raw, copied) straight into one ``uint8`` B x 3 x R x R tensor, its flip folded
-into that copy. It is returned as an :class:`ImageBatch`, a sequence of the B images that the
-default collate turns back into that tensor without a copy (importing this module registers
-that with ``default_collate``), so ``DataLoader(ds, batch_sampler=...)`` needs no
-``collate_fn``. From a worker, a batch of up to ``PIPE_MAX_BYTES`` travels as bytes through
-the result pipe, a larger one as one shared-memory tensor it was decoded into; either way the
-main process receives a plain tensor. A worker that has sent a batch through the pipe ends when
-its parent process dies (:func:`_exit_with_parent`): a write into that pipe can block forever
-once nobody reads it.
+into that copy. It is returned as an :class:`ImageBatch`, a sequence of the B images (so
+DataLoader's default collate stacks it, one copy); :func:`collate_images`, passed as
+``collate_fn``, returns the tensor itself. From a worker, through that collate, a batch of up
+to ``PIPE_MAX_BYTES`` travels as bytes through the result pipe (:class:`PipedBatch`), a larger
+one as torch sends tensors, through shared memory; either way the main process receives a
+plain tensor. A worker that has sent a batch through the pipe ends when its parent process
+dies (:func:`_exit_with_parent`): a write into that pipe can block forever once nobody reads it.
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,17 +43,20 @@ from .format import (
     release_reader,
 )
 
-try:  # libjpeg-turbo into a CHW view of an HWC tensor: ~1.3x faster than PIL
-    import torchvision.io  # noqa: F401  (registers the image ops)
 
-    # The ops behind torchvision.io.decode_jpeg/decode_png, called directly: the public
-    # functions raise a DeprecationWarning on every call. Mode 3 = ImageReadMode.RGB
-    # (grayscale and CMYK records come out RGB).
-    _DECODERS = {"jpeg": torch.ops.image.decode_jpeg, "png": torch.ops.image.decode_png}
-    _RGB = 3
-except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - the reader works without it (PIL)
-    _DECODERS = {}
+def _torchvision_decoders() -> dict:
+    """torchvision's public JPEG/PNG decoders (libjpeg-turbo straight into a CHW view of HWC
+    memory; measured up to 1.7x PIL's rate at 128x128, bench/data.py), or none where this
+    torchvision lacks them (they are deprecated since 0.29): PIL decodes then."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+    except ImportError:  # pragma: no cover - a torchvision without its image decoders
+        return {}
+    rgb = ImageReadMode.RGB  # grayscale and CMYK records come out RGB too
+    return {"jpeg": lambda t: decode_jpeg(t, mode=rgb), "png": lambda t: decode_png(t, mode=rgb)}
 
+
+_DECODERS = _torchvision_decoders()
 SPLITS = ("train", "test", "all")
 
 
@@ -155,7 +157,7 @@ class MultiResolutionDataset(Dataset):
             raise IndexError(f"index {int(pos[bad][0])} out of range for the {self.split} split of "
                              f"{len(self.indices)} items")
         flip = np.asarray(flips, dtype=bool)
-        out = _empty_batch((len(items), 3, resolution, resolution))
+        out = torch.empty((len(items), 3, resolution, resolution), dtype=torch.uint8)
         if resolution in self.meta.derived:
             for j, index in enumerate(self.indices[pos].tolist()):
                 t = self._read(index, resolution)
@@ -191,12 +193,14 @@ class MultiResolutionDataset(Dataset):
                     if flip.any():
                         out[flip] = chw[flip][..., ::-1]
                 return
-            for j, k in enumerate(keys):
-                data = txn.get(k)
-                if data is None:
-                    self._missing(k)
-                a = decode_tensor(data, codec, r).numpy()  # CHW view of the decoded HWC image
-                np.copyto(out[j], a[..., ::-1] if flip[j] else a)
+            with warnings.catch_warnings():  # torchvision's deprecation notice, once per call
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for j, k in enumerate(keys):
+                    data = txn.get(k)
+                    if data is None:
+                        self._missing(k)
+                    chw = decode_chw(data, codec, r)
+                    np.copyto(out[j], chw[..., ::-1] if flip[j] else chw)
 
     def _missing(self, key: bytes):
         raise DatasetError(f"{self.path}: record {key.decode()} is missing; run prepare_lmdb.py verify")
@@ -225,87 +229,71 @@ class MultiResolutionDataset(Dataset):
             data = txn.get(key)
         if data is None:
             raise DatasetError(f"{self.path}: record {key.decode()} is missing; run prepare_lmdb.py verify")
-        return decode_tensor(data, self.meta.codecs[resolution], resolution)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            chw = decode_chw(data, self.meta.codecs[resolution], resolution)
+        return torch.from_numpy(np.ascontiguousarray(chw))
 
 
-def decode_tensor(data, codec: str, resolution: int) -> torch.Tensor:
-    """Record bytes -> ``uint8`` 3 x R x R tensor (a view of HWC memory for JPEG/PNG)."""
-    op = _DECODERS.get(codec)
-    if op is None:
-        a = decode_numpy(bytes(data), codec, resolution)
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-    t = op(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB, False)
+def decode_chw(data, codec: str, resolution: int) -> np.ndarray:
+    """Record bytes -> ``uint8`` 3 x R x R (a CHW view of HWC memory)."""
+    decoder = _DECODERS.get(codec)
+    if decoder is None:
+        return decode_numpy(data, codec, resolution).transpose(2, 0, 1)
+    t = decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     if tuple(t.shape) != (3, resolution, resolution):
         raise DatasetError(f"record decodes to {tuple(t.shape)}, expected (3, {resolution}, {resolution})")
-    return t
+    return t.numpy()
 
 
 # Batches up to this size leave a DataLoader worker as bytes through its result pipe; larger
-# ones in shared memory. Passing a shared-memory tensor costs a socket connection with an
-# authentication handshake per batch (the file descriptor changes hands), about a
-# millisecond, which is most of the time of a small batch.
+# ones as torch sends a tensor, in shared memory. Passing a shared-memory tensor costs a socket
+# connection with an authentication handshake per batch (the file descriptor changes hands),
+# about a millisecond, which is most of the time of a small batch.
 PIPE_MAX_BYTES = 1 << 20
 
 
-def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised ``uint8`` tensor; in a DataLoader worker and above PIPE_MAX_BYTES, in
-    shared memory, which is how it travels to the main process (else pickling it would copy it)."""
-    if get_worker_info() is None or math.prod(shape) <= PIPE_MAX_BYTES:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
-
-
-class _Image(torch.Tensor):
-    """One image of an :class:`ImageBatch` (a view into the batch). Operations on it give
-    plain tensors; the type only lets the default collate recognise the batch."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-
-class ImageBatch(Sequence):
-    """What ``__getitems__`` returns: the B images of a batch, held as one contiguous
-    ``uint8`` B x 3 x R x R tensor (``.tensor``). ``batch[k]`` is image k (3 x R x R, a
-    view); the default collate of DataLoader returns ``.tensor`` itself, without a copy.
+class ImageBatch(list):
+    """What ``__getitems__`` returns: the list of the B images of a batch (3 x R x R views) of
+    one contiguous ``uint8`` B x 3 x R x R tensor, ``.tensor``. :func:`collate_images` returns
+    ``.tensor`` itself; DataLoader's default collate stacks the images (a copy).
     """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__(tensor.unbind(0))
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"ImageBatch({tuple(self.tensor.shape)})"
+
+
+def collate_images(batch: ImageBatch | Sequence[torch.Tensor]) -> torch.Tensor | PipedBatch:
+    """DataLoader's ``collate_fn`` for :class:`MultiResolutionDataset`: an :class:`ImageBatch`'s
+    tensor as it is (no copy); any other list of images, stacked. In a DataLoader worker a
+    batch of up to ``PIPE_MAX_BYTES`` is wrapped as a :class:`PipedBatch`, which reaches the
+    main process as a plain tensor too."""
+    if not isinstance(batch, ImageBatch):
+        return torch.stack(list(batch))
+    t = batch.tensor
+    if get_worker_info() is not None and t.numel() <= PIPE_MAX_BYTES:
+        _exit_with_parent()
+        return PipedBatch(t)
+    return t
+
+
+class PipedBatch:
+    """A small batch leaving a DataLoader worker: pickled as its bytes and unpickled (in the
+    main process) as a plain tensor, instead of as a shared-memory tensor."""
 
     __slots__ = ("tensor",)
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
 
-    def __len__(self) -> int:
-        return self.tensor.shape[0]
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
-        return self.tensor[k].as_subclass(_Image)
-
-    def __repr__(self) -> str:
-        return f"ImageBatch({tuple(self.tensor.shape)})"
-
-
-def collate_images(batch, *, collate_fn_map=None) -> torch.Tensor:
-    """Collate of :class:`ImageBatch`: its tensor, as it is; any other list of images: stacked."""
-    if isinstance(batch, ImageBatch):
-        t = batch.tensor
-        if not t.is_shared() and get_worker_info() is not None:
-            _exit_with_parent()
-            return t.as_subclass(_Piped)
-        return t
-    return torch.stack(list(batch))  # _Image's operations give plain tensors
-
-
-class _Piped(torch.Tensor):
-    """A small batch leaving a DataLoader worker: pickled as its bytes, unpickled (in the main
-    process) as a plain tensor, instead of as a shared-memory tensor. Operations on it give
-    plain tensors."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def __reduce_ex__(self, protocol):
-        return _tensor_from_bytes, (bytearray(self.numpy()), tuple(self.shape))
+    def __reduce__(self):
+        return _tensor_from_bytes, (bytearray(self.tensor.numpy()), tuple(self.tensor.shape))
 
 
 def _tensor_from_bytes(data: bytearray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -320,7 +308,7 @@ def _exit_with_parent() -> None:
     """Start, once per DataLoader worker process, a daemon thread that ends the process
     (``os._exit``) as soon as the process that started it has died.
 
-    Why: a batch sent as bytes through the worker's result pipe (``_Piped``, up to
+    Why: a batch sent as bytes through the worker's result pipe (``PipedBatch``, up to
     ``PIPE_MAX_BYTES``; a pipe holds 64 KiB) leaves the worker's queue-feeder thread blocked in
     the write until the main process reads it. When the main process is killed (SIGKILL, a
     cluster's pre-emption) nobody ever reads it, and the write never fails either, since the
@@ -342,11 +330,3 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name=PARENT_WATCH, daemon=True).start()
-
-
-try:  # the documented way to extend default_collate: by the type of a batch's first element
-    from torch.utils.data._utils.collate import default_collate_fn_map
-
-    default_collate_fn_map.setdefault(_Image, collate_images)
-except ImportError:  # pragma: no cover - then _Image is collated as a Tensor: stacked, one copy
-    pass

@@ -24,6 +24,7 @@ from ..datasets import (
     Metadata,
     MultiResolutionDataset,
     ScheduledBatchSampler,
+    collate_images,
     read_metadata,
     write_demo_lmdb,
 )
@@ -116,7 +117,8 @@ def training_batches(dataset: MultiResolutionDataset, cfg: TrainConfig, accelera
     sampler = ScheduledBatchSampler(num_items=len(dataset), plan=SchedulePlan(cfg, world),
                                     rank=accelerator.process_index, world_size=world,
                                     seed=cfg.seed, start_images=images_seen, flip=cfg.flip)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
+                        num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0,
                         pin_memory=accelerator.device.type == "cuda",
                         # its own generator: creating the iterator draws a base seed, which

@@ -19,9 +19,7 @@ from triangle.datasets import (
     reader,
     write_demo_lmdb,
 )
-from triangle.datasets.reader import ImageBatch
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
+from triangle.datasets.reader import ImageBatch, collate_images
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def test_resolution_change_keeps_the_same_workers(demo32):
         return (8, 4) if images < 32 else (16, 4) if images < 64 else (32, 8)
 
     loader = DataLoader(ds, batch_sampler=ScheduledBatchSampler(len(ds), plan, seed=0), num_workers=2,
-                        persistent_workers=True, prefetch_factor=4)
+                        persistent_workers=True, prefetch_factor=4, collate_fn=collate_images)
     it = iter(loader)
     workers = [w.pid for w in it._workers]
     shapes = [tuple(next(it).shape) for _ in range(20)]
@@ -131,12 +129,14 @@ def test_getitems_equals_item_by_item(demo32, resolution, flips):
     want = _reference(ds, keys)
     assert torch.equal(batch.tensor, want)
     assert batch.tensor.dtype == torch.uint8 and batch.tensor.is_contiguous()
-    assert torch.equal(batch[3], want[3]) and type(batch[3] * 1) is torch.Tensor  # images: plain results
-    # The default collate gives back the batch tensor itself (no copy), a plain tensor.
-    collated = default_collate(batch)
-    assert type(collated) is torch.Tensor and collated.data_ptr() == batch.tensor.data_ptr()
+    assert torch.equal(batch[3], want[3]) and type(batch[3]) is torch.Tensor
+    assert collate_images(batch) is batch.tensor  # the reader's collate: no copy
     # A list of its images (e.g. rearranged by hand) is stacked.
-    assert torch.equal(default_collate([batch[1], batch[0]]), want[[1, 0]])
+    assert torch.equal(collate_images([batch[1], batch[0]]), want[[1, 0]])
+    # DataLoader's default collate is left as it was (importing the reader registers nothing):
+    # it stacks the images, a copy.
+    stacked = default_collate(batch)
+    assert torch.equal(stacked, want) and stacked.data_ptr() != batch.tensor.data_ptr()
     ds.close()
 
 
@@ -193,7 +193,7 @@ def test_batches_from_workers_are_plain_tensors(demo32, monkeypatch, pipe_max_by
     ds = MultiResolutionDataset(demo32)
     sampler = ScheduledBatchSampler(len(ds), lambda n: (16, 6) if n < 36 else (32, 6), seed=2)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context="fork",
-                        persistent_workers=True)
+                        persistent_workers=True, collate_fn=collate_images)
     it, keys = iter(loader), iter(sampler)
     for _ in range(10):
         batch, want = next(it), next(keys)
