@@ -216,8 +216,10 @@ class Reporter:
         for log in (self.metrics_log, self.stages_log, self.console):
             if log is not None:
                 log.close()
-        if self.cfg.tensorboard:
-            self.accelerator.end_training()
+        # Trackers closed and the process group destroyed before the interpreter exits: gloo's
+        # threads left to the exit's destructors aborted a rank now and then ("terminate
+        # called without an active exception").
+        self.accelerator.end_training()
 
     # -- grids and diagnostics (main process) -----------------------------------------------
     def _grids(self, state: RunState, tag: str) -> None:

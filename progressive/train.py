@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 import click
+import torch
 
 from triangle.datasets import DatasetError, read_metadata
 from triangle.metrics.demo_features import DemoRunScorer
@@ -354,12 +355,20 @@ def main(**o) -> None:
     except (UserError, DatasetError, FIDError) as exc:  # FIDError: demo feature weights missing
         if _is_main_rank():
             click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        _exit(1)
     except Preempted as exc:
         if _is_main_rank():
             click.echo(f"{exc}: checkpoint written; run the same command to resume "
                        f"(exit status {PREEMPTED_EXIT_CODE})", err=True)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        _exit(PREEMPTED_EXIT_CODE)
+
+
+def _exit(status: int) -> None:
+    """Leave with ``status``, the process group destroyed first (left to the interpreter's exit,
+    gloo's threads aborted a rank now and then)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
