@@ -69,6 +69,8 @@ VARIANTS: dict[str, list[str]] = {
     "no-znorm": ["--no-normalize-latent"],
     "no-r1": ["--w-r1", "0"],
     "r1-1": ["--w-r1", "1"],
+    "r1-0.02": ["--w-r1", "0.02"],
+    "w-e-2": ["--w-e", "2"],
     "r1-every-step": ["--r1-interval", "1"],
     "r1-every-4": ["--r1-interval", "4"],
     "ema-10": ["--ema-kimg", "10"],

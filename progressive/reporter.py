@@ -28,11 +28,12 @@ from torch import Tensor
 from ..datasets import Metadata
 from ..networks import fade_images
 from .config import TrainConfig, flatten
+from .curves import plot_curves
 from .data import held_out_dataset
 from .diagnostics import energy_diagnostics, latent_diagnostics
 from .divergence import DivergenceError, divergence_message
 from .grids import generate, interleave_rows, reconstruct, save_images
-from .run_dir import Console, JsonLines, format_duration, memory_stats, stage_label
+from .run_dir import Console, JsonLines, format_duration, memory_stats, read_jsonl, stage_label
 from .run_state import RunState, all_finite
 from .schedule import LearningRates, batch_sizes, phase_boundaries, total_images
 
@@ -193,6 +194,7 @@ class Reporter:
                 f"{record['stage']:<14} alpha {self.last_fade_alpha:.3f}  {speed:7.1f} img/s  "
                 f"ETA {format_duration(eta) if not final else '-'}  {brief}")
             self._grids(state, f"{state.images_seen:09d}")
+            plot_curves(read_jsonl(self.metrics_log.path), self.run_dir / "latest-curves.png")
         self.new_tick(state.images_seen)
 
     def rebuilt(self, record: dict) -> None:

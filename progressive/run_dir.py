@@ -9,7 +9,7 @@ A run directory holds (all written by the main process):
 | ``stages.jsonl`` | one JSON object per stage rebuild: images seen, old and new stage, seconds, per-rank weight checksums, prepared models/optimisers, memory |
 | ``log.txt`` | the terminal's progress lines |
 | ``grids/`` | ``<images>-ema.png``, ``<images>-raw.png`` (samples of the EMA and raw generator from a fixed z) and ``<images>-reconstructions.png`` (held-out images, rows alternating with their reconstructions g(mu(q(x)))), at every tick and stage end |
-| ``latest-*.png`` | copies of the newest three grids |
+| ``latest-*.png`` | copies of the newest three grids; ``latest-curves.png``, the training curves (``curves.py``) |
 | ``demo.lmdb/`` | the built-in demo dataset, when the run has no ``--data`` |
 | ``checkpoint-<images>.pt`` | the last K checkpoints (see checkpoint.py) |
 | ``DONE`` | written when the schedule is complete |
@@ -45,6 +45,17 @@ class JsonLines:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (a last line cut by a kill is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 def truncate_jsonl(path: str | os.PathLike, images_seen: int) -> None:

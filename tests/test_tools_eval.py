@@ -25,6 +25,7 @@ from PIL import Image
 from triangle.metrics.checkpoint_models import load_checkpoint
 from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures
 from triangle.metrics.reconstruction import reconstruction_error
+from triangle.progressive.curves import panels_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 8  # conftest.py's EVAL_RES
@@ -112,6 +113,19 @@ def test_interpolate_tool(eval_run, eval_data, tmp_path):
         first = np.asarray(gif.convert("RGB"))
         gif.seek(5)
         assert np.array_equal(np.asarray(gif.convert("RGB")), first)  # the circle closes
+
+
+def test_plot_tool_draws_one_panel_per_quantity(eval_run, tmp_path):
+    out = tmp_path / "curves.png"
+    result = invoke("plot", [eval_run, "--out", out])
+    assert result.exit_code == 0, result.output
+    drawn = result.output.split("panels (")[1].split(")")[0].split(", ")
+    records = [json.loads(line) for line in (eval_run / "metrics.jsonl").read_text().splitlines()]
+    assert "reconstruction MSE" in drawn and "energy f" in drawn and "images/s" in drawn
+    assert len(drawn) == len(panels_for(records))
+    assert Image.open(out).size[0] > 0
+    missing = invoke("plot", [tmp_path])
+    assert missing.exit_code == 1 and "metrics.jsonl does not exist" in missing.output
 
 
 def test_sample_tool(eval_run, tmp_path):

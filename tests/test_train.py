@@ -24,6 +24,7 @@ import psutil
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from triangle.datasets import write_demo_lmdb
 from triangle.networks import Stage
@@ -90,6 +91,7 @@ def test_cpu_run_4_to_16_rebuilds_on_schedule_and_fills_the_run_dir(reference):
     options = json.loads((run_dir / "training_options.json").read_text())
     assert options["schedule"]["max_resolution"] == 16 and options["network"]["latent_dim"] == 8
     assert (run_dir / "DONE").exists()
+    assert Image.open(run_dir / "latest-curves.png").size[0] > 0  # refreshed every tick
 
     # Every rebuild happens at exactly the scheduled image count.
     cfg = ScheduleConfig.from_dict(options["schedule"])
