@@ -288,31 +288,30 @@ def test_energy_and_inference_outputs_are_fp32_under_bf16_autocast():
     assert e.dtype == mu.dtype == logvar.dtype == torch.float32
 
 
-def test_the_generator_sees_only_the_direction_of_z_unless_told_otherwise():
+def _generator_8x8(**changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_network("generator", dataclasses.replace(TINY, **changes), Stage(8, False))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_generator_sees_only_the_direction_of_z_unless_told_otherwise(normalize):
     z = torch.randn(3, TINY.latent_dim)
-    for normalize in (True, False):
-        cfg = dataclasses.replace(TINY, normalize_latent=normalize)
-        torch.manual_seed(0)
-        g = build_network("generator", cfg, Stage(8, False))
-        with torch.no_grad():
-            g.head.dense.bias.fill_(0.5)  # at a zero bias the next pixel norm hides z's scale too
-            same = torch.allclose(g(z), g(3 * z), atol=1e-5)
-        assert same == normalize
+    g = _generator_8x8(normalize_latent=normalize)
+    with torch.no_grad():
+        g.head.dense.bias.fill_(0.5)  # at a zero bias the next pixel norm hides z's scale too
+        assert torch.allclose(g(z), g(3 * z), atol=1e-5) == normalize
 
 
-def test_pixel_norm_of_the_generator_features_can_be_turned_off():
+@pytest.mark.parametrize("norm", [True, False])
+def test_pixel_norm_of_the_generator_features_can_be_turned_off(norm):
     """With pixel norm each block's output is invariant to its conv's scale; without, not."""
     z = torch.randn(3, TINY.latent_dim)
-    for norm in (True, False):
-        cfg = dataclasses.replace(TINY, pixel_norm=norm)
-        torch.manual_seed(0)
-        g = build_network("generator", cfg, Stage(8, False))
-        with torch.no_grad():
-            before = g(z)
-            g.blocks["8"].conv1.weight.mul_(3)
-            g.blocks["8"].conv1.bias.mul_(3)  # LeakyReLU is positively homogeneous: all x3
-            same = torch.allclose(before, g(z), atol=1e-5)
-        assert same == norm
+    g = _generator_8x8(pixel_norm=norm)
+    with torch.no_grad():
+        before = g(z)
+        g.blocks["8"].conv1.weight.mul_(3)
+        g.blocks["8"].conv1.bias.mul_(3)  # LeakyReLU is positively homogeneous: all x3
+        assert torch.allclose(before, g(z), atol=1e-5) == norm
 
 
 def test_the_parameter_table_command():
