@@ -38,6 +38,7 @@ from .run_state import RunState, all_finite
 from .schedule import LearningRates, batch_sizes, phase_boundaries, total_images
 
 EVAL_IMAGES = 512  # held-out images and fixed-z samples behind the per-tick diagnostics
+CURVES_MIN_S = 10.0  # seconds between two redraws of latest-curves.png (the last always drawn)
 
 
 class SampleQuality(Protocol):
@@ -97,6 +98,7 @@ class Reporter:
         self.tick_counts: dict[str, int] = {}  # metric -> steps that logged it (lazy R1: few)
         self.tick_count = 0  # steps in the tick
         self.tick_start = time.perf_counter()
+        self.curves_drawn = -math.inf  # perf_counter() of the last latest-curves.png
         self.tick_images = 0  # images seen when the tick started
         self.tick_pause = 0.0  # seconds of the tick spent on checkpoints and rebuilds
         self.last_fade_alpha = 1.0  # of the tick's last step
@@ -194,7 +196,11 @@ class Reporter:
                 f"{record['stage']:<14} alpha {self.last_fade_alpha:.3f}  {speed:7.1f} img/s  "
                 f"ETA {format_duration(eta) if not final else '-'}  {brief}")
             self._grids(state, f"{state.images_seen:09d}")
-            plot_curves(read_jsonl(self.metrics_log.path), self.run_dir / "latest-curves.png")
+            # At most one redraw in CURVES_MIN_S (each costs ~0.3 s on a CPU: ticks of tiny
+            # runs come faster than that), and always the last.
+            if final or time.perf_counter() - self.curves_drawn >= CURVES_MIN_S:
+                plot_curves(read_jsonl(self.metrics_log.path), self.run_dir / "latest-curves.png")
+                self.curves_drawn = time.perf_counter()
         self.new_tick(state.images_seen)
 
     def rebuilt(self, record: dict) -> None:
