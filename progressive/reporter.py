@@ -98,7 +98,7 @@ class Reporter:
         self.tick_counts: dict[str, int] = {}  # metric -> steps that logged it (lazy R1: few)
         self.tick_count = 0  # steps in the tick
         self.tick_start = time.perf_counter()
-        self.curves_drawn = -math.inf  # perf_counter() of the last latest-curves.png
+        self.curves_drawn = self.tick_start  # perf_counter() of the last latest-curves.png
         self.tick_images = 0  # images seen when the tick started
         self.tick_pause = 0.0  # seconds of the tick spent on checkpoints and rebuilds
         self.last_fade_alpha = 1.0  # of the tick's last step
@@ -197,10 +197,9 @@ class Reporter:
                 f"ETA {format_duration(eta) if not final else '-'}  {brief}")
             self._grids(state, f"{state.images_seen:09d}")
             # At most one redraw in CURVES_MIN_S (each costs ~0.3 s on a CPU: ticks of tiny
-            # runs come faster than that), and always the last.
-            if final or time.perf_counter() - self.curves_drawn >= CURVES_MIN_S:
-                plot_curves(read_jsonl(self.metrics_log.path), self.run_dir / "latest-curves.png")
-                self.curves_drawn = time.perf_counter()
+            # runs come faster than that); done() draws the last.
+            if time.perf_counter() - self.curves_drawn >= CURVES_MIN_S:
+                self._curves()
         self.new_tick(state.images_seen)
 
     def rebuilt(self, record: dict) -> None:
@@ -214,11 +213,16 @@ class Reporter:
         """The schedule is complete: ``DONE`` and the closing lines."""
         if not self.accelerator.is_main_process:
             return
+        self._curves()
         (self.run_dir / "DONE").write_text(f"{state.images_seen}\n")
         self.console.print(f"done: {state.images_seen / 1000:g} kimg in "
                            f"{format_duration(state.elapsed_s)}; samples in {self.run_dir / 'grids'}")
         if self.sample_quality is not None:
             self.console.print(f"sample quality: {self.sample_quality.summary()}")
+
+    def _curves(self) -> None:
+        plot_curves(read_jsonl(self.metrics_log.path), self.run_dir / "latest-curves.png")
+        self.curves_drawn = time.perf_counter()
 
     def close(self) -> None:
         for log in (self.metrics_log, self.stages_log, self.console):
