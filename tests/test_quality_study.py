@@ -20,7 +20,8 @@ def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "quality.py"), "--out", str(out), "--max-res", "8",
-         "--phase-kimg", "0.032", "--variants", "triangle,vae", "--device", "cpu", "--", *TINY],
+         "--phase-kimg", "0.032", "--variants", "triangle,vae", "--jobs", "2", "--threads", "1",
+         "--device", "cpu", "--", *TINY],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in (out / "quality.jsonl").read_text().splitlines()]
