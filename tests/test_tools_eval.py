@@ -126,6 +126,10 @@ def test_plot_tool_draws_one_panel_per_quantity(eval_run, tmp_path):
     assert Image.open(out).size[0] > 0
     missing = invoke("plot", [tmp_path])
     assert missing.exit_code == 1 and "metrics.jsonl does not exist" in missing.output
+    (tmp_path / "metrics.jsonl").write_text('{"kimg": 1, "note": "x"}\n{"kimg": 2, "cut')
+    other = invoke("plot", [tmp_path])
+    assert other.exit_code == 1 and other.output.count("\n") == 1
+    assert "no plottable quantity" in other.output
 
 
 def test_sample_tool(eval_run, tmp_path):

@@ -32,7 +32,10 @@ def main(run_dir: Path, out: Path | None) -> None:
     if not records:
         raise click.ClickException(f"{log} holds no record yet: wait for the first tick")
     out = out or run_dir / "curves.png"
-    panels = plot_curves(records, out)
+    try:
+        panels = plot_curves(records, out)
+    except ValueError as exc:  # records without any quantity to draw
+        raise click.ClickException(f"{log}: {exc}; is it a training run's metrics log?") from None
     click.echo(f"{len(records)} ticks to kimg {records[-1]['kimg']:g}, {len(panels)} panels "
                f"({', '.join(panels)}) -> {out}")
 
