@@ -58,6 +58,7 @@ VARIANTS: dict[str, list[str]] = {
     "reference": REFERENCE,
     "kl-mean": ["--kl-reduction", "mean", "--w-kl", "1"],
     "kl-sum-w1": ["--kl-reduction", "sum", "--w-kl", "1"],
+    "kl-sum-w0.1": ["--kl-reduction", "sum", "--w-kl", "0.1"],
     "kl-sum-w0.0625": ["--kl-reduction", "sum", "--w-kl", "0.0625"],
     "lr-e-3e-4": ["--lr-energy", "3e-4"],
     "lr-1e-3": ["--lr-generator", "1e-3", "--lr-inference", "1e-3", "--lr-energy", "1e-3"],

@@ -1,4 +1,4 @@
-"""Evaluation of trained runs (docs/design.md, "Evaluation"): FID/KID through clean-fid, test
+"""Evaluation of trained runs (docs/design.md, "Evaluation"): FID/KID/IS through clean-fid's Inception, test
 reconstruction error, latent walks, a loader for every network of a checkpoint, and the demo
 dataset's offline sample-quality measure (demo_features.py).
 
@@ -23,9 +23,11 @@ from .fid import (
     FIDResult,
     InceptionFeatures,
     RandomConvFeatures,
+    Shard,
     data_statistics,
     fid_from_stats,
     fid_of_generator,
+    inception_score,
     kid_from_stats,
 )
 from .interpolation import latent_walks, lerp, random_endpoints, slerp
@@ -43,11 +45,13 @@ __all__ = [
     "InceptionFeatures",
     "LoadedCheckpoint",
     "RandomConvFeatures",
+    "Shard",
     "ReconstructionResult",
     "data_statistics",
     "demo_quality",
     "fid_from_stats",
     "fid_of_generator",
+    "inception_score",
     "kid_from_stats",
     "latent_walks",
     "lerp",

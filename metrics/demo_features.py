@@ -695,7 +695,8 @@ def demo_quality(samples: Tensor, reference: Tensor, net: DemoFeatureNet | None 
 
 class DemoFeatures:
     """:class:`DemoFeatureNet`'s features as a ``FeatureExtractor`` (metrics/fid.py): ``prepare``
-    maps one float 3 x R x R image in [0, 255] to [-1, 1]; ``__call__`` -> B x FEATURE_DIM."""
+    maps one float 3 x R x R image in [0, 255] to [-1, 1]; ``__call__`` -> B x FEATURE_DIM;
+    ``logits`` -> its shape head's."""
 
     def __init__(self, net: DemoFeatureNet | None = None, *, path: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu") -> None:
@@ -711,3 +712,9 @@ class DemoFeatures:
     @torch.no_grad()
     def __call__(self, batch: Tensor) -> Tensor:
         return self.net(batch.to(self.device, torch.float32)).features
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """B x FEATURE_DIM features -> B x 5 shape logits over CLASSES (the Inception Score's
+        classifier on the demo: at most 5)."""
+        return self.net.shape_head(F.relu(features.to(self.device, torch.float32)))

@@ -13,7 +13,14 @@ The pipeline, in clean-fid's "clean" mode:
 3. ``extractor(batch)`` on the device -> B x D features (Inception pool3, D = 2048).
 4. ``mu``, ``sigma`` per side; FID = the Fréchet distance of the two Gaussians
    (:func:`fid_from_stats`, by symmetric eigendecompositions); KID = clean-fid's
-   ``kernel_distance`` with a fixed seed.
+   ``kernel_distance`` with a fixed seed; IS (:func:`inception_score`) from the classifier
+   logits of the samples' features (Inception's 1008-way output layer without its bias, as
+   stylegan2-ada computes it), 10 splits.
+
+Under ``accelerate launch`` (or any initialised ``torch.distributed`` group) the batches are
+shared out: rank ``r`` of ``W`` computes batches ``r, r + W, ...`` and the features are gathered
+back into batch order on every rank (:class:`Shard`). The ``z`` of every batch is still drawn
+from one stream, so the samples, and the numbers, are the single process's.
 
 clean-fid's own entry points are not used: they wrap the model in ``DataParallel``, download
 the weights into ``/tmp`` and write custom statistics into site-packages. Here the Inception
@@ -72,6 +79,9 @@ class FeatureExtractor(Protocol):
 
     def __call__(self, batch: Tensor) -> Tensor:
         """A batch of prepared images (on any device) -> B x D features."""
+
+    # Optional, for the Inception Score: ``logits(features)``, B x D features -> B x K
+    # classifier logits (extractors without a classifier do not define it).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +163,13 @@ class InceptionFeatures:
     @torch.no_grad()
     def __call__(self, batch: Tensor) -> Tensor:
         return self.model(batch.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """B x 2048 pool3 features -> B x 1008 logits of the file's output layer, without its
+        bias (stylegan2-ada's ``no_output_bias=True``, to match the original TensorFlow IS)."""
+        weight = self.model.base.output.weight
+        return features.to(weight.device, torch.float32) @ weight.T
 
 
 class RandomConvFeatures(nn.Module):
@@ -256,13 +273,82 @@ def kid_from_stats(a: FeatureStats, b: FeatureStats, seed: int = 0) -> float:
         np.random.set_state(state)
 
 
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Inception Score of N x K classifier logits: exp(E_x KL(p(y|x) ‖ p(y))) on each of
+    ``splits`` consecutive parts of the N samples (p(y) the part's mean), as (mean, std) over
+    the parts: the standard definition (Salimans et al. 2016; 10 splits). 1 for identical
+    predictions, K at most.
+    """
+    if logits.ndim != 2 or logits.shape[0] < splits:
+        raise FIDError(f"the Inception Score needs at least {splits} samples (one per split), "
+                       f"got {logits.shape[0]}")
+    log_p = logits.astype(np.float64)
+    log_p = log_p - log_p.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    n, scores = log_p.shape[0], []
+    for k in range(splits):
+        part = log_p[k * n // splits:(k + 1) * n // splits]
+        log_marginal = np.log(np.exp(part).mean(axis=0))
+        kl = (np.exp(part) * (part - log_marginal)).sum(axis=1)
+        scores.append(math.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def classifier_logits(extractor: FeatureExtractor, features: np.ndarray) -> np.ndarray:
+    """The extractor's classifier logits of N x D ``features`` (N x K), or FIDError."""
+    logits = getattr(extractor, "logits", None)
+    if logits is None:
+        raise FIDError(f"{extractor.name} has no classifier: the Inception Score needs the "
+                       "inception (or demo) features")
+    return logits(torch.from_numpy(features)).float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a batched computation over ``world`` processes: the batches
+    ``rank, rank + world, ...``. :meth:`current` reads the initialised ``torch.distributed``
+    group (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.world == self.rank
+
+    def gather(self, mine: list[np.ndarray]) -> np.ndarray:
+        """Every rank's per-batch arrays (this one's in ``mine``), concatenated in batch order,
+        on every rank."""
+        if self.world == 1:
+            return np.concatenate(mine)
+        everyone: list = [None] * self.world
+        torch.distributed.all_gather_object(everyone, mine)
+        count = sum(len(batches) for batches in everyone)
+        return np.concatenate([everyone[b % self.world][b // self.world] for b in range(count)])
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (each node may see its own files)."""
+        if self.world == 1:
+            return flag
+        everyone: list = [None] * self.world
+        torch.distributed.all_gather_object(everyone, bool(flag))
+        return all(everyone)
+
+
 def to_uint8_levels(images: Tensor) -> Tensor:
     """Images in [-1, 1] -> float in [0, 255] rounded to integers (the inverse of the reader's)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
-def _features_of(batches: Iterator[Tensor], extractor: FeatureExtractor) -> np.ndarray:
-    return np.concatenate([extractor(b).float().cpu().numpy() for b in batches])
+def _features_of(batches: Iterator[Tensor], extractor: FeatureExtractor, shard: Shard) -> np.ndarray:
+    """Features of ``shard``'s batches, gathered from every rank in batch order."""
+    return shard.gather([extractor(b).float().cpu().numpy() for b in batches])
 
 
 class _PreparedImages(torch.utils.data.Dataset):
@@ -308,13 +394,17 @@ def data_statistics(
     batch: int = 64,
     num_workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    shard: Shard | None = None,
 ) -> tuple[FeatureStats, Path | None, bool]:
     """Statistics of the first ``count`` images (default all) of ``split`` at ``resolution``.
 
     Returns ``(stats, cache file or None, whether it was read from the cache)``. With
     ``cache_dir`` the result is kept there as ``fid-<split>-<res>-<count>-<hash>.npz``, keyed
-    by :func:`stats_key`; a cache that cannot be written is skipped, not fatal.
+    by :func:`stats_key`; a cache that cannot be written is skipped, not fatal. ``shard``
+    (default: :meth:`Shard.current`) shares the batches out over the processes; the cache is
+    read only if every rank has it and written by rank 0.
     """
+    shard = Shard.current() if shard is None else shard
     try:
         ds = MultiResolutionDataset(data, split=split)
     except DatasetError as exc:
@@ -326,12 +416,14 @@ def data_statistics(
     key = stats_key(data, resolution, split, n, extractor.name)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     file = Path(cache_dir) / f"fid-{split}-{resolution}-{n}-{digest}.npz" if cache_dir else None
-    if file is not None and file.is_file():
+    if file is not None and shard.all_true(file.is_file()):
         return FeatureStats.load(file), file, True
+    batches = [list(range(start, min(start + batch, n))) for start in range(0, n, batch)]
     loader = torch.utils.data.DataLoader(_PreparedImages(ds, resolution, n, extractor.prepare),
-                                         batch_size=batch, num_workers=num_workers)
-    stats = FeatureStats.of(_features_of(iter(loader), extractor))
-    if file is not None:
+                                         batch_sampler=batches[shard.rank::shard.world],
+                                         num_workers=num_workers)
+    stats = FeatureStats.of(_features_of(iter(loader), extractor, shard))
+    if file is not None and shard.rank == 0:
         try:
             stats.save(file, key)
         except OSError:
@@ -341,31 +433,41 @@ def data_statistics(
 
 @torch.no_grad()
 def generated_images(generator: nn.Module, fade_alpha: float, latent_dim: int, count: int, *,
-                     batch: int = 64, device: str | torch.device = "cpu", seed: int = 0) -> Iterator[Tensor]:
-    """``count`` samples ``g(z)`` in batches, as [0, 255] integer-valued floats on the CPU.
+                     batch: int = 64, device: str | torch.device = "cpu", seed: int = 0,
+                     shard: Shard = Shard()) -> Iterator[Tensor]:
+    """``count`` samples ``g(z)`` in batches, as [0, 255] integer-valued floats on the CPU;
+    only ``shard``'s batches (default: all).
 
-    ``z`` is drawn on the CPU from ``seed``, so the samples do not depend on the device.
+    ``z`` is drawn on the CPU from ``seed`` for every batch, so the samples do not depend on
+    the device or on how the batches are shared out.
     """
     gen = torch.Generator().manual_seed(seed)
-    for start in range(0, count, batch):
+    for index, start in enumerate(range(0, count, batch)):
         z = torch.randn(min(batch, count - start), latent_dim, generator=gen)
-        yield to_uint8_levels(generator(z.to(device), fade_alpha)).cpu()
+        if shard.owns(index):
+            yield to_uint8_levels(generator(z.to(device), fade_alpha)).cpu()
 
 
-def images_statistics(images: Iterator[Tensor], extractor: FeatureExtractor, num_workers: int = 0) -> FeatureStats:
+def images_statistics(images: Iterator[Tensor], extractor: FeatureExtractor, num_workers: int = 0,
+                      shard: Shard = Shard()) -> FeatureStats:
     """Statistics of batches of [0, 255] images (N x 3 x R x R), prepared in ``num_workers``
-    threads of this process (PIL's resize releases the GIL)."""
+    threads of this process (PIL's resize releases the GIL). With a ``shard``, ``images`` are
+    its batches and the statistics are those of every rank's."""
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         prepared = (torch.stack(list(pool.map(extractor.prepare, b))) for b in images)
-        return FeatureStats.of(_features_of(prepared, extractor))
+        return FeatureStats.of(_features_of(prepared, extractor, shard))
+
+
+METRICS = ("fid", "kid", "is")
 
 
 @dataclass
 class FIDResult:
-    fid: float
-    kid: float
+    fid: float | None  # None where not asked for (``metrics``)
+    kid: float | None
+    inception_score: tuple[float, float] | None  # (mean, std over the splits)
     num_fake: int
-    num_real: int
+    num_real: int  # 0 where no data statistics were needed (IS alone)
     stats_file: Path | None  # the data statistics' cache file
     stats_cached: bool  # read from it rather than computed
 
@@ -386,11 +488,28 @@ def fid_of_generator(
     num_workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    metrics: tuple[str, ...] = ("fid", "kid"),
+    inception_score_splits: int = 10,
 ) -> FIDResult:
-    """FID and KID of ``num_samples`` samples against the data's ``split`` at ``resolution``."""
-    real, file, cached = data_statistics(data, resolution, extractor, split=split, count=num_real,
-                                         batch=batch, num_workers=num_workers, cache_dir=cache_dir)
-    fake = images_statistics(generated_images(generator, fade_alpha, latent_dim, num_samples,
-                                              batch=batch, device=device, seed=seed), extractor, num_workers)
-    return FIDResult(fid_from_stats(fake, real), kid_from_stats(fake, real, seed), fake.count,
-                     real.count, file, cached)
+    """``metrics`` (of :data:`METRICS`) of ``num_samples`` samples against the data's ``split``
+    at ``resolution`` (the IS needs no data). Shared out over the processes of an initialised
+    ``torch.distributed`` group (:class:`Shard`); every rank returns the same result."""
+    unknown = set(metrics) - set(METRICS)
+    if unknown or not metrics:
+        raise FIDError(f"metrics must be some of {', '.join(METRICS)}, got {', '.join(metrics)}")
+    shard = Shard.current()
+    real, file, cached = None, None, False
+    if {"fid", "kid"} & set(metrics):
+        real, file, cached = data_statistics(data, resolution, extractor, split=split, count=num_real,
+                                             batch=batch, num_workers=num_workers,
+                                             cache_dir=cache_dir, shard=shard)
+    fake = images_statistics(generated_images(generator, fade_alpha, latent_dim, num_samples, batch=batch,
+                                              device=device, seed=seed, shard=shard),
+                             extractor, num_workers, shard)
+    return FIDResult(
+        fid=fid_from_stats(fake, real) if "fid" in metrics else None,
+        kid=kid_from_stats(fake, real, seed) if "kid" in metrics else None,
+        inception_score=(inception_score(classifier_logits(extractor, fake.features),
+                                         inception_score_splits) if "is" in metrics else None),
+        num_fake=fake.count, num_real=real.count if real is not None else 0,
+        stats_file=file, stats_cached=cached)

@@ -1,7 +1,13 @@
-"""Fixtures shared by several test modules: a small demo LMDB and a real tiny training run."""
+"""Fixtures shared by several test modules: a small demo LMDB, a real tiny training run and a
+launcher of two gloo ranks."""
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,3 +49,23 @@ def eval_run(eval_data, tmp_path_factory) -> Path:
     assert result.exit_code == 0, result.output
     assert (run_dir / EVAL_RUN_FINAL).exists()
     return run_dir
+
+
+def _launch_two_ranks(script: str | os.PathLike, args: list, check: bool = True,
+                      timeout: float = 300) -> subprocess.CompletedProcess:
+    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGS``."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + random.Random().randrange(1000)), str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not check, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def two_gloo_ranks() -> Callable[..., subprocess.CompletedProcess]:
+    """``launch(script, args, check=True)``: the script as two processes (gloo, CPU) under
+    ``accelerate launch``; asserts a zero exit status if ``check``."""
+    return _launch_two_ranks

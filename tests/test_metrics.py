@@ -1,4 +1,4 @@
-"""metrics/: FID/KID through clean-fid with a stand-in extractor, the statistics cache, the
+"""metrics/: FID/KID/IS through clean-fid with a stand-in extractor, the statistics cache, the
 reconstruction error against a hand computation, latent walks, and the checkpoint loader.
 
 Real components: a real demo LMDB and a checkpoint of a real tiny run of progressive/train.py
@@ -29,6 +29,7 @@ from triangle.metrics.fid import (
     fid_of_generator,
     generated_images,
     images_statistics,
+    inception_score,
     kid_from_stats,
 )
 from triangle.metrics.interpolation import latent_walks, lerp, random_endpoints, slerp
@@ -118,6 +119,32 @@ def test_fid_of_generator_end_to_end(eval_data, eval_run, tmp_path):
                          RandomConvFeatures(), num_samples=48, batch=16, cache_dir=tmp_path)
     assert r.num_fake == 48 and r.num_real == 144 and np.isfinite(r.fid) and r.fid > 0
     assert not r.stats_cached and r.stats_file.parent == tmp_path
+
+
+def test_inception_score_of_fixed_logits_is_the_direct_computation():
+    """exp(E_x KL(p(y|x) ‖ p(y))) per split of 10, written out with SciPy's softmax and entropy."""
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    logits = np.random.default_rng(0).normal(0, 3, (1003, 12))  # splits of 100 and 101
+    scores = []
+    for k in range(10):
+        p = softmax(logits[k * 1003 // 10:(k + 1) * 1003 // 10], axis=1)
+        scores.append(np.exp(np.mean([entropy(p_i, p.mean(axis=0)) for p_i in p])))
+    mean, std = inception_score(logits)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-9)
+    assert inception_score(np.zeros((100, 1008))) == pytest.approx((1.0, 0.0))  # uniform: 1
+    confident = np.eye(5)[np.arange(1000) % 5] * 100  # sure of each of 5 classes equally often
+    assert inception_score(confident)[0] == pytest.approx(5.0, rel=1e-6)
+
+
+def test_inception_score_needs_a_classifier_and_a_sample_per_split(eval_data, eval_run):
+    loaded = load_checkpoint(eval_run)
+    with pytest.raises(FIDError, match="no classifier"):
+        fid_of_generator(loaded.generator, loaded.fade_alpha, loaded.latent_dim, RES, eval_data,
+                         RandomConvFeatures(), num_samples=16, metrics=("is",))
+    with pytest.raises(FIDError, match="at least 10 samples"):
+        inception_score(np.zeros((9, 4)))
 
 
 def test_missing_or_unreadable_inception_is_one_line(tmp_path):

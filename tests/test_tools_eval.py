@@ -71,6 +71,27 @@ def test_fid_tool_logs_and_caches(eval_run, eval_data, tmp_path):
     assert len(list((tmp_path / "stats").glob("fid-train-8-144-*.npz"))) == 1
 
 
+def test_fid_tool_on_two_ranks_equals_one_process(eval_run, eval_data, tmp_path, two_gloo_ranks):
+    """Samples and data batches shared out over two gloo ranks (5 and 18 batches: uneven), their
+    features gathered: the same FID, KID and IS as one process, one record, written by rank 0."""
+    args = [eval_run, "--data", eval_data, "--features", "demo", "--metrics", "fid,kid,is",
+            "--num-samples", 40, "--batch", 8, "--workers", 0]
+    one = invoke("fid", [*args, "--stats-dir", tmp_path / "one"])
+    assert one.exit_code == 0, one.output
+    log = eval_run / "metrics-fid.jsonl"
+    before = len(log.read_text().splitlines())
+    two = two_gloo_ranks(ROOT / "tools" / "fid.py", [*args, "--stats-dir", tmp_path / "two"], timeout=120)
+    assert two.stdout.count("IS ") == 1 and "2 processes" in two.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == before + 1
+    single, shared = records[-2], records[-1]
+    assert (single["processes"], shared["processes"]) == (1, 2)
+    for key in ("fid", "kid", "inception_score", "inception_score_std", "shapes_recognised"):
+        assert shared[key] == pytest.approx(single[key], rel=1e-9), key
+    assert 1 <= single["inception_score"] <= 5  # the demo classifier's 5 classes
+    assert len(list((tmp_path / "two").glob("fid-train-8-144-*.npz"))) == 1  # one writer
+
+
 def test_fid_tool_default_cache_is_beside_the_data(eval_run, eval_data):
     result = invoke("fid", [eval_run, "--data", eval_data, "--features", "random-conv",
                             "--num-samples", 8, "--split", "test", "--workers", 0])
@@ -179,11 +200,13 @@ class _StandInLayers(torch.nn.Module):
 
 
 class _StandInInception(torch.nn.Module):
-    """Has what clean-fid's InceptionV3W uses of the real TorchScript file: ``.layers``."""
+    """Has what the project uses of the real TorchScript file: ``.layers`` (clean-fid's
+    InceptionV3W) and the 1008-way ``.output`` layer (the Inception Score)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = _StandInLayers()
+        self.output = torch.nn.Linear(2048, 1008)
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         return self.layers(x)
@@ -210,8 +233,12 @@ def test_inception_features_through_clean_fids_wrapper(stand_in_inception):
     prepared = torch.stack([features.prepare(im) for im in images])
     assert prepared.shape == (2, 3, 299, 299)
     out = features(prepared)
-    expected = torch.jit.load(str(stand_in_inception / INCEPTION_FILE)).layers((prepared - 128) / 128)
+    scripted = torch.jit.load(str(stand_in_inception / INCEPTION_FILE))
+    expected = scripted.layers((prepared - 128) / 128)
     assert out.shape == (2, 2048) and torch.allclose(out, expected.view(2, 2048))
+    # The IS's logits: the output layer without its bias (stylegan2-ada's no_output_bias).
+    logits = features.logits(out)
+    assert logits.shape == (2, 1008) and torch.allclose(logits, out @ scripted.output.weight.T)
 
 
 @pytest.mark.slow

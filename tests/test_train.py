@@ -232,21 +232,10 @@ def test_a_run_killed_with_sigkill_leaves_no_dataloader_worker_behind(data, tmp_
         p.stdout.close()
 
 
-def launch_two_ranks(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py ...``."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + random.Random().randrange(1000)), TRAIN, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 or not check, proc.stdout + proc.stderr
-    return proc
-
-
 @pytest.fixture(scope="module")
-def two_ranks(data, tmp_path_factory) -> Path:
+def two_ranks(data, tmp_path_factory, two_gloo_ranks) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "ranks2"
-    launch_two_ranks(["--data", data, "--run-dir", str(run_dir), *TINY])
+    two_gloo_ranks(TRAIN, ["--data", data, "--run-dir", str(run_dir), *TINY])
     return run_dir
 
 
@@ -271,24 +260,24 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_single_process_batch(refe
 
 
 @pytest.mark.slow  # the two-node test resumes two ranks bit-exactly too, after SIGKILL
-def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path):
+def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path, two_gloo_ranks):
     run_dir = tmp_path / "ranks2-resumed"
     command = ["--data", data, "--run-dir", str(run_dir), *TINY]
-    launch_two_ranks([*command, "--debug-stop-at-kimg", "0.2"])  # stops mid-fade, 16 past a checkpoint
+    two_gloo_ranks(TRAIN, [*command, "--debug-stop-at-kimg", "0.2"])  # stops mid-fade, 16 past a checkpoint
     assert final_state(run_dir).images_seen == 192
-    out = launch_two_ranks(command).stdout
+    out = two_gloo_ranks(TRAIN, command).stdout
     assert "resumed from" in out and "checkpoint-000000000192.pt" in out
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
-def test_a_run_moves_between_world_sizes_with_its_schedule_and_global_batch(data, reference, tmp_path):
+def test_a_run_moves_between_world_sizes_with_its_schedule_and_global_batch(data, reference, tmp_path, two_gloo_ranks):
     """1 process -> 2 ranks -> 1 process: each resume says what is re-seeded; the stage table
     and every step's global batch stay the single-process run's."""
     run_dir = tmp_path / "moving"
     command = ["--data", data, "--run-dir", str(run_dir), *TINY]
     result = run_cli([*command, "--debug-stop-at-kimg", "0.2"])
     assert result.exit_code == 0 and final_state(run_dir).images_seen == 192
-    out = launch_two_ranks([*command, "--debug-stop-at-kimg", "0.29"]).stdout
+    out = two_gloo_ranks(TRAIN, [*command, "--debug-stop-at-kimg", "0.29"]).stdout
     assert "checkpoint from 1 process(es), now 2: random generators re-seeded" in out
     assert final_state(run_dir).images_seen == 288 and final_state(run_dir).world_size == 2
     result = run_cli(command)
@@ -331,7 +320,7 @@ def test_a_sigterm_checkpoints_and_exits_75_and_the_rerun_gives_the_uninterrupte
     assert_same_weights(final_state(reference), final_state(run_dir))
 
 
-def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_ranks, tmp_path):
+def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_ranks, tmp_path, two_gloo_ranks):
     run_dir = tmp_path / "ranks2-sigusr1"
     command = ["--data", data, "--run-dir", str(run_dir), *TINY]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -357,7 +346,7 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_and_the_rerun_resumes(data, two_
     assert "pre-empted" in out and launcher.returncode != 0, out
     stopped = final_state(run_dir).images_seen
     assert 64 < stopped < TOTAL and stopped % (CHECK_EVERY_STEPS * 16) == 0
-    launch_two_ranks(command)
+    two_gloo_ranks(TRAIN, command)
     assert_same_weights(final_state(two_ranks), final_state(run_dir))
 
 
@@ -511,11 +500,11 @@ def test_a_deferred_nan_check_names_the_step_and_never_reaches_a_checkpoint(data
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_a_nan_on_one_rank_stops_both_ranks(data, tmp_path):
+def test_a_nan_on_one_rank_stops_both_ranks(data, tmp_path, two_gloo_ranks):
     """Without a cross-rank check the healthy rank would wait in the next all-reduce until the
     collective timeout (30 minutes); here both stop at once (the launch's timeout is 300 s)."""
     run_dir = tmp_path / "nan-one-rank"
-    proc = launch_two_ranks(["--data", data, "--run-dir", str(run_dir), *TINY,
+    proc = two_gloo_ranks(TRAIN, ["--data", data, "--run-dir", str(run_dir), *TINY,
                              "--debug-nan-at-kimg", "0.1", "--debug-nan-rank", "1"], check=False)
     assert proc.returncode != 0
     assert "non-finite" in proc.stdout + proc.stderr

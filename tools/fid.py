@@ -1,12 +1,15 @@
-"""FID and KID of a checkpoint's generator against its data (paper Table 1), through clean-fid.
+"""FID, KID and Inception Score of a checkpoint's generator (paper Table 1), through clean-fid.
 
-    python tools/fid.py RUN_DIR_OR_CHECKPOINT --data LMDB [--num-samples 10000] [--split train]
-        [--features inception|demo|random-conv] [--inception PATH] [--device cuda] [--batch 64]
-        [--workers 4] [--ema/--raw]
+    python tools/fid.py RUN_DIR_OR_CHECKPOINT --data LMDB [--metrics fid,kid,is]
+        [--num-samples 10000] [--split train] [--features inception|demo|random-conv]
+        [--inception PATH] [--device cuda] [--batch 64] [--workers 4] [--ema/--raw]
+    accelerate launch --num_processes 8 tools/fid.py RUN_DIR ...   # the same numbers, 8x faster
 
 Samples the (EMA) generator at its checkpoint's resolution, compares them with the data at that
-resolution, prints FID and KID and appends one JSON line to ``metrics-fid.jsonl`` in the run
-directory. The data statistics are cached beside the LMDB (``LMDB.fid-stats/``, or the run
+resolution, prints the metrics and appends one JSON line to ``metrics-fid.jsonl`` in the run
+directory. Under ``accelerate launch`` the samples and the data's batches are shared out over
+the processes and their features gathered (metrics/fid.py, ``Shard``): the result equals one
+process's for the same seed. The data statistics are cached beside the LMDB (``LMDB.fid-stats/``, or the run
 directory's ``fid-stats/`` if that is not writable). The paper reports CelebA 64x64 FID 31.92
 with 10k samples.
 
@@ -28,13 +31,17 @@ from pathlib import Path
 
 import click
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from triangle.datasets import SHAPES, MultiResolutionDataset, read_metadata
 from triangle.metrics.demo_features import DemoFeatures, DemoQuality, DemoReference
 from triangle.metrics.fid import (
     INCEPTION_FILE,
+    METRICS,
     InceptionFeatures,
     RandomConvFeatures,
+    Shard,
     data_statistics,
     default_stats_dir,
     fid_of_generator,
@@ -54,7 +61,7 @@ def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_
     and the noise on as many uniform noise images."""
     res = loaded.resolution
     real, _, _ = data_statistics(data, res, features, split=split, count=num_real, batch=batch,
-                                 cache_dir=cache)  # the cache fid_of_generator has just written
+                                 cache_dir=cache, shard=Shard())  # the cache fid_of_generator wrote
     other = {"train": "test", "test": "train"}.get(split)
     floor = None
     if other is not None and (other == "train" or read_metadata(data).test_indices):
@@ -80,6 +87,9 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 @_cli.checkpoint_argument
 @click.option("--data", type=click.Path(), default=None,
               help="Multi-resolution LMDB  [default: the run's dataset]")
+@click.option("--metrics", "metrics_list", default="fid,kid", show_default=True,
+              help=f"Comma-separated, of {', '.join(METRICS)} (is: Inception Score, 10 splits, "
+                   "from the feature network's classifier).")
 @click.option("--num-samples", type=click.IntRange(min=2), default=10_000, show_default=True,
               help="Generated images.")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
@@ -103,11 +113,19 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled z.")
 @click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of data statistics  [default: LMDB.fid-stats/ beside the data]")
-def main(checkpoint, data, num_samples, split, num_real, inception, features_name, extractor,
-         device, batch, workers, ema, seed, stats_dir):
-    """FID and KID of RUN_DIR_OR_CHECKPOINT's generator (a run dir: its newest checkpoint)."""
+def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception, features_name,
+         extractor, device, batch, workers, ema, seed, stats_dir):
+    """FID, KID and IS of RUN_DIR_OR_CHECKPOINT's generator (a run dir: its newest checkpoint)."""
     features_name = features_name or extractor or "inception"
-    device = _cli.resolve_device(device)
+    metrics = tuple(m.strip() for m in metrics_list.split(",") if m.strip())
+    if not metrics or set(metrics) - set(METRICS):
+        raise click.BadParameter(f"{metrics_list!r}: give some of {', '.join(METRICS)}",
+                                 param_hint="--metrics")
+    # Under accelerate launch: joins the process group, a device each (PartialState reads the
+    # launcher's settings but for --cpu, which only the Accelerator reads from the environment).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    multi = state.num_processes > 1
+    device = state.device if multi and device is None else _cli.resolve_device(device)
     loaded = _cli.load(checkpoint, ema=ema, device=device)
     data = _cli.run_data(loaded, data)
     with _cli.one_line_errors():
@@ -121,16 +139,21 @@ def main(checkpoint, data, num_samples, split, num_real, inception, features_nam
         t0 = time.perf_counter()
         r = fid_of_generator(loaded.generator, loaded.fade_alpha, loaded.latent_dim, loaded.resolution,
                              data, features, num_samples=num_samples, split=split, num_real=num_real,
-                             batch=batch, device=device, num_workers=workers, cache_dir=cache, seed=seed)
+                             batch=batch, device=device, num_workers=workers, cache_dir=cache, seed=seed,
+                             metrics=metrics)
+        if not state.is_main_process:
+            return
         demo = (_demo_quality(loaded, data, features, split=split, num_samples=num_samples,
                               num_real=num_real, batch=batch, device=device, cache=cache, seed=seed)
-                if features_name == "demo" else None)
+                if features_name == "demo" and r.fid is not None else None)
     record = {
         "checkpoint": loaded.path.name, "kimg": loaded.kimg, "images_seen": loaded.images_seen,
         "resolution": loaded.resolution, "fade_alpha": loaded.fade_alpha,
         "generator": "ema" if ema else "raw", "fid": r.fid, "kid": r.kid,
+        "inception_score": r.inception_score and r.inception_score[0],
+        "inception_score_std": r.inception_score and r.inception_score[1],
         "num_samples": r.num_fake, "num_real": r.num_real, "data": os.path.realpath(data),
-        "split": split, "extractor": features.name, "seed": seed,
+        "split": split, "extractor": features.name, "seed": seed, "processes": state.num_processes,
         "seconds": round(time.perf_counter() - t0, 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if demo is not None:
@@ -142,9 +165,14 @@ def main(checkpoint, data, num_samples, split, num_real, inception, features_nam
     with open(loaded.run_dir / "metrics-fid.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
     stats = f"{'read from' if r.stats_cached else 'written to'} {r.stats_file}" if r.stats_file else "not cached"
+    scores = [f"FID {r.fid:.3f}" if r.fid is not None else "",
+              f"KID {r.kid:.5f}" if r.kid is not None else "",
+              f"IS {r.inception_score[0]:.3f} ± {r.inception_score[1]:.3f}" if r.inception_score else ""]
+    against = f" vs {r.num_real} {split} images" if r.num_real else ""
+    processes = f", {state.num_processes} processes" if multi else ""
     click.echo(f"{loaded.path.name} ({loaded.resolution}x{loaded.resolution}, kimg {loaded.kimg:g}, "
-               f"{record['generator']}): FID {r.fid:.3f}  KID {r.kid:.5f}  "
-               f"({r.num_fake} samples vs {r.num_real} {split} images, {features.name})")
+               f"{record['generator']}): {'  '.join(x for x in scores if x)}  "
+               f"({r.num_fake} samples{against}, {features.name}{processes})")
     if demo is not None:
         # The FD printed is fid_of_generator's, the one logged; the demo scorer's own equals it.
         click.echo(dataclasses.replace(demo, fd=r.fid).summary())
