@@ -1,10 +1,10 @@
 """Evaluation of trained runs (docs/design.md, "Evaluation"): FID/KID/IS through clean-fid's Inception, test
-reconstruction error, latent walks, a loader for every network of a checkpoint, and the demo
+reconstruction error, latent walks, the energy landscape (energy_landscape.py), a loader for every network of a checkpoint, and the demo
 dataset's offline sample-quality measure (demo_features.py).
 
 Imports ``networks``, ``datasets`` and the checkpoint side of ``progressive``; never ``tools/``
 or ``bench/`` (docs/design.md, "Where things are"). The user commands are tools/fid.py,
-reconstruct.py, interpolate.py, sample.py and train_demo_features.py.
+reconstruct.py, interpolate.py, sample.py, energy_landscape.py and train_demo_features.py.
 """
 
 from .checkpoint_models import LoadedCheckpoint, load_checkpoint, resolve_checkpoint

@@ -31,6 +31,7 @@ class LoadedCheckpoint:
     images_seen: int
     generator: nn.Module  # the EMA generator unless loaded with ema=False
     inference: nn.Module | None  # None unless loaded with inference=True
+    energy: nn.Module | None = None  # None unless loaded with energy=True
 
     @property
     def resolution(self) -> int:
@@ -67,11 +68,17 @@ def load_checkpoint(
     *,
     ema: bool = True,
     inference: bool = False,
+    energy: bool = False,
     device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """The generator (EMA by default, ``ema=False``: raw) and optionally q_φ of a checkpoint."""
+    """The generator (EMA by default, ``ema=False``: raw) and optionally q_φ and f_α of a
+    checkpoint (CheckpointError if the run has no energy model: the vae and wake-sleep
+    ablations)."""
     path = resolve_checkpoint(checkpoint_or_run_dir)
     checkpoint = Checkpoint.load(path)
+    if energy and not checkpoint.train_config.objective.terms.energy:  # saved, never trained
+        raise CheckpointError(f"{path}: this run has no energy model (objective "
+                              f"{checkpoint.train_config.objective.kind!r}); use a triangle or acd run")
     try:
         cfg = checkpoint.train_config
 
@@ -88,6 +95,7 @@ def load_checkpoint(
             images_seen=checkpoint.images_seen,
             generator=build("generator", "generator_ema" if ema else "generator"),
             inference=build("inference", "inference") if inference else None,
+            energy=build("energy", "energy") if energy else None,
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unusable checkpoint ({type(exc).__name__}: {exc})") from exc

@@ -29,7 +29,7 @@ from triangle.progressive.curves import panels_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 8  # conftest.py's EVAL_RES
-TOOLS = ("fid", "reconstruct", "interpolate", "sample")
+TOOLS = ("fid", "reconstruct", "interpolate", "sample", "energy_landscape")
 
 
 def _tool(name: str):

@@ -56,10 +56,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load(checkpoint: Path, *, ema: bool = True, inference: bool = False,
+def load(checkpoint: Path, *, ema: bool = True, inference: bool = False, energy: bool = False,
          device: torch.device | str = "cpu") -> LoadedCheckpoint:
     with one_line_errors():
-        return load_checkpoint(checkpoint, ema=ema, inference=inference, device=device)
+        return load_checkpoint(checkpoint, ema=ema, inference=inference, energy=energy, device=device)
 
 
 def run_data(loaded: LoadedCheckpoint, data: str | os.PathLike | None) -> str:
