@@ -145,7 +145,7 @@ def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, st
                f"{'fused/strict':>12}")
     res, rates = min_res, {}
     while res <= max_res:
-        b = batch or batch_sizes(schedule_cfg, res)[1]
+        b = batch or batch_sizes(schedule_cfg, res).micro_batch
         fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds)
         rates[res] = b / fused["seconds"]
         rate = fused["flops"] / fused["seconds"]

@@ -167,14 +167,15 @@ class Reporter:
         state.elapsed_s += seconds
         stage = state.stage
         eta = estimate_remaining_s(cfg.schedule, state.images_seen, stage.resolution, speed)
-        global_batch, per_gpu_batch = batch_sizes(cfg.schedule, stage.resolution,
-                                                  accelerator.num_processes)
+        global_batch, per_gpu_batch, accumulation = batch_sizes(cfg.schedule, stage.resolution,
+                                                                accelerator.num_processes)
         record = {
             "images_seen": state.images_seen, "kimg": state.images_seen / 1000, "step": state.step,
             "stage": stage_label(stage.resolution, stage.fading),
             "resolution": stage.resolution, "fading": stage.fading,
             "alpha": self.last_fade_alpha, "global_batch": global_batch,  # the phase's (a last,
-            "per_gpu_batch": per_gpu_batch, "world_size": accelerator.num_processes,  # shortened
+            "per_gpu_batch": per_gpu_batch, "accumulation": accumulation,  # shortened
+            "world_size": accelerator.num_processes,
             "lr_generator": self.last_lrs.generator, "lr_energy": self.last_lrs.energy,  # step aside)
             "lr_inference": self.last_lrs.inference, "lr_scale": state.lr_scale,
             "images_per_s": speed, "seconds": seconds, "elapsed_s": state.elapsed_s,
@@ -273,7 +274,7 @@ class Reporter:
         energy.eval(), inf.eval()
         # In chunks of the training batch, which is known to fit on the device.
         n = eval_count(stage.resolution)
-        chunk = batch_sizes(cfg.schedule, stage.resolution, self.accelerator.num_processes)[1]
+        chunk = batch_sizes(cfg.schedule, stage.resolution, self.accelerator.num_processes).micro_batch
         x = self._held_out_batch(state, fade_alpha, self.eval_items[:n])
         mu = torch.cat([inf(c, fade_alpha)[0] for c in x.split(chunk)])
         samples = generate(state.ema, self.eval_z[:n], fade_alpha, batch=chunk)

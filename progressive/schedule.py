@@ -18,16 +18,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..networks import Stage, stage_sequence
 from ..resolutions import is_resolution, resolutions
 
 # PGGAN's CelebA-HQ minibatch sizes (global, all GPUs together) per resolution.
 DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}
-# What one 80 GB GPU holds with the default widths in fp32 (bench/RESULTS.md measures it).
-DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 32, 256: 16, 512: 8,
-                       1024: 4}
+# The largest micro-batch one GPU runs at once; a rank's share of the global batch above it is
+# split into micro-batches whose gradients are accumulated (gradient accumulation), so the
+# global batch is the table's on any number of GPUs. Measured on an H100 (bf16, default widths,
+# bench/RESULTS.md): peak memory 8.4 GiB at 128² x 32, 8.7 at 256² x 16, 9.0 at 512² x 8, 9.3 at
+# 1024² x 4, i.e. about 2 GiB per image at 1024²; these caps keep a step near 20 GiB in bf16
+# (fp32 needs about twice that), so an 80 GB card runs 512² and 1024² without accumulation.
+DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16,
+                       1024: 8}
 
 
 def _int_keys(mapping: dict[Any, int]) -> dict[int, int]:
@@ -104,7 +109,8 @@ class ScheduleState:
     stage: Stage
     fade_alpha: float  # in [0, 1): the weight of the new layers during a fade; 1.0 when stable
     global_batch: int  # images in this step, all ranks together (a multiple of world_size)
-    per_gpu_batch: int  # global_batch // world_size
+    per_gpu_batch: int  # global_batch // world_size: this rank's images in this step
+    accumulation: int  # micro-batches per_gpu_batch is run in (each at most the GPU cap)
     learning_rates: LearningRates  # the configured rates after the decay (before any roll-back)
     done: bool  # images_seen has reached the total
 
@@ -141,12 +147,27 @@ def total_images(cfg: ScheduleConfig) -> int:
     return last_end if cfg.total_kimg is None else round(cfg.total_kimg * 1000)
 
 
-def batch_sizes(cfg: ScheduleConfig, resolution: int, world_size: int = 1) -> tuple[int, int]:
-    """(global, per-GPU) batch at a resolution: the table's batch, capped by what
-    ``world_size`` GPUs hold, rounded down to a multiple of ``world_size``."""
-    per_gpu = max(1, min(cfg.batch_per_resolution[resolution] // world_size,
-                         cfg.per_gpu_batch_cap[resolution]))
-    return per_gpu * world_size, per_gpu
+class BatchSizes(NamedTuple):
+    global_batch: int  # images per optimiser step, all ranks together
+    per_gpu_batch: int  # each rank's share: global_batch // world_size
+    accumulation: int  # micro-batches each rank runs its share in (gradient accumulation)
+
+    @property
+    def micro_batch(self) -> int:
+        """The largest micro-batch (they differ by at most one image)."""
+        return -(-self.per_gpu_batch // self.accumulation)
+
+
+def _accumulation(cfg: ScheduleConfig, resolution: int, per_gpu: int) -> int:
+    return -(-per_gpu // cfg.per_gpu_batch_cap[resolution])
+
+
+def batch_sizes(cfg: ScheduleConfig, resolution: int, world_size: int = 1) -> BatchSizes:
+    """The batch at a resolution: the table's, rounded down to a multiple of ``world_size``
+    (at least one image per rank); each rank's share runs in as few micro-batches as keep every
+    one within ``per_gpu_batch_cap``."""
+    per_gpu = max(1, cfg.batch_per_resolution[resolution] // world_size)
+    return BatchSizes(per_gpu * world_size, per_gpu, _accumulation(cfg, resolution, per_gpu))
 
 
 def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> ScheduleState:
@@ -167,11 +188,12 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
     end = min(end, total)
 
     fade_alpha = min(1.0, (images_seen - start) / (end - start)) if stage.fading else 1.0
-    global_batch, per_gpu = batch_sizes(cfg, stage.resolution, world_size)
+    global_batch, per_gpu, accumulation = batch_sizes(cfg, stage.resolution, world_size)
     remaining = end - images_seen
     if 0 < remaining < global_batch:
         per_gpu = -(-remaining // world_size)  # ceil: never a zero-image step
         global_batch = per_gpu * world_size
+        accumulation = _accumulation(cfg, stage.resolution, per_gpu)
 
     decay = learning_rate_factor(cfg, images_seen)
     return ScheduleState(
@@ -179,6 +201,7 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
         fade_alpha=fade_alpha,
         global_batch=global_batch,
         per_gpu_batch=per_gpu,
+        accumulation=accumulation,
         learning_rates=LearningRates(generator=cfg.lr_generator * decay,
                                      energy=cfg.lr_energy * decay,
                                      inference=cfg.lr_inference * decay),
@@ -210,25 +233,29 @@ def stage_table(cfg: ScheduleConfig, world_size: int = 1) -> list[dict[str, Any]
         if start >= total:
             break
         end = min(end, total)
-        global_batch, per_gpu = batch_sizes(cfg, stage.resolution, world_size)
+        sizes = batch_sizes(cfg, stage.resolution, world_size)
         rows.append({
             "resolution": stage.resolution,
             "phase": "fade" if stage.fading else "stable",
             "start_kimg": start / 1000,
             "end_kimg": end / 1000,
-            "global_batch": global_batch,
-            "per_gpu_batch": per_gpu,
-            "steps": -(-(end - start) // global_batch),
+            "global_batch": sizes.global_batch,
+            "per_gpu_batch": sizes.per_gpu_batch,
+            "accumulation": sizes.accumulation,
+            "micro_batch": sizes.micro_batch,
+            "steps": -(-(end - start) // sizes.global_batch),
         })
     return rows
 
 
 def format_stage_table(rows: list[dict[str, Any]]) -> str:
     """The stage table as aligned text."""
-    header = f"{'resolution':>10} {'phase':>6} {'kimg':>19} {'batch':>6} {'per GPU':>7} {'steps':>8}"
+    header = (f"{'resolution':>10} {'phase':>6} {'kimg':>19} {'batch':>6} {'per GPU':>7} "
+              f"{'micro x accumulation':>20} {'steps':>8}")
     lines = [header]
     for r in rows:
         kimg = f"{r['start_kimg']:g}-{r['end_kimg']:g}"
+        micro = f"{r['micro_batch']} x {r['accumulation']}"
         lines.append(f"{r['resolution']:>10} {r['phase']:>6} {kimg:>19} {r['global_batch']:>6} "
-                     f"{r['per_gpu_batch']:>7} {r['steps']:>8}")
+                     f"{r['per_gpu_batch']:>7} {micro:>20} {r['steps']:>8}")
     return "\n".join(lines)

@@ -19,6 +19,15 @@ backward for α and one shared backward for φ and θ:
 ``fused=False`` keeps the strict order of Algorithm 1 (φ stepped, then every θ-term recomputed
 at the new φ): 3B generator, 3B inference and 3B energy images per iteration.
 
+Gradient accumulation (``micro_batches > 1``, when a rank's share of the global batch is larger
+than what its GPU runs at once): the α step's gradient is summed over the micro-batches, each
+loss weighted by its share of the batch, before the energy is stepped; then the φ and θ steps'
+shared loss likewise, with x̃ recomputed through the generator per micro-batch (its graph is not
+kept across micro-batches: that is the memory saved). Every term of the losses is a mean over
+images, so the result is the one-batch step's, except the level anchor on f, a square of batch
+means, which is applied per micro-batch. Only the last micro-batch all-reduces gradients
+(``accelerator.no_sync`` on the others). Needs the fused step with one θ step per iteration.
+
 Distributed training: each backward calls each wrapped (DDP) network at most once; the other
 passes use the unwrapped module, with its parameters' ``requires_grad`` switched off where it
 is only a function to backpropagate through (stylegan2-ada's scheme). So no network's
@@ -93,12 +102,24 @@ class TriangleStep:
 
     def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
                  z: Tensor, fade_alpha: float, accelerator: Any = None, *,
-                 regularize: bool = True) -> dict[str, Tensor]:
+                 regularize: bool = True, micro_batches: int = 1) -> dict[str, Tensor]:
         deferred = self._defer if self.defer_checks else None
         self._steps += 1
         run = _Runner(self.cfg, models, optimizers, fade_alpha, accelerator, regularize, deferred)
         # The networks run channels-last (networks/layers.py); so should their input.
-        return run.iteration(x_real.contiguous(memory_format=torch.channels_last), z)
+        x = x_real.contiguous(memory_format=torch.channels_last)
+        # The posterior's noise for the whole batch at once: the same draws however it is split.
+        eps = torch.randn(z.shape, device=z.device) if self.cfg.terms.needs_posterior_sample else None
+        if micro_batches == 1:
+            return run.iteration(x, z, eps)
+        if not self.cfg.fused or self.cfg.generator_steps > 1:
+            raise ValueError("gradient accumulation needs the fused step and one generator step "
+                             "per iteration; raise --gpu-batch-cap or drop --strict-step / "
+                             "--generator-steps")
+        split = (lambda t: t.tensor_split(micro_batches)) if micro_batches <= len(z) else None
+        if split is None:
+            raise ValueError(f"{micro_batches} micro-batches of a batch of {len(z)}")
+        return run.accumulated_iteration(split(x), split(z), split(eps) if eps is not None else None)
 
     def _defer(self, name: str, loss: Tensor) -> None:
         self._pending.append((self._steps, name, ~torch.isfinite(loss.detach()).reshape(())))
@@ -158,12 +179,28 @@ class _Runner:
     def apply(self, name: str, loss: Tensor, *names: str) -> None:
         """Check ``loss``, backpropagate it and step the optimisers of ``names``."""
         self.check(name, loss)
+        self.zero_grad(*names)
+        self.backward(loss)
+        self.step(*names)
+
+    def zero_grad(self, *names: str) -> None:
         for n in names:
             getattr(self.optimizers, n).zero_grad(set_to_none=True)
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
+
+    def backward(self, loss: Tensor, *, sync: bool = True, wrapped: tuple[str, ...] = ()) -> None:
+        """``loss.backward()``; with ``sync=False`` the ``wrapped`` (DDP) networks keep their
+        gradients local (a micro-batch before the last)."""
+        with contextlib.ExitStack() as stack:
+            if self.accelerator is not None:
+                if not sync:
+                    for n in wrapped:
+                        stack.enter_context(self.accelerator.no_sync(getattr(self.wrapped, n)))
+                self.accelerator.backward(loss)
+            else:
+                loss.backward()
+
+    def step(self, *names: str) -> None:
+        """Clip (``grad_clip``) and step the optimisers of ``names``; logs the gradient norms."""
         for n in names:
             params = [p for p in getattr(self.raw, n).parameters() if p.grad is not None]
             if self.cfg.grad_clip > 0:
@@ -177,21 +214,21 @@ class _Runner:
             getattr(self.optimizers, n).step()
 
     # -- the iteration ----------------------------------------------------------------------
-    def iteration(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, z: Tensor, eps: Tensor | None):
+        """z̃ ~ q_φ(z|x) (through the wrapped network when φ learns from it), and x̃ = g(z) and
+        g(z̃) in one wrapped generator call; x̃ keeps its graph for the θ step.
+        Returns (x̃ or None, g(z̃) or None, μ, log σ²)."""
         cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
-        g, f, q = self.wrapped
-        rec_scale = cfg.rec_scale(x.shape[-1])
-
+        g = self.wrapped.generator
         with self.autocast():
-            # z̃ ~ q_φ(z|x). Through the wrapped network when φ learns from it.
             z_rec = mu = logvar = None
             if t.needs_posterior_sample:
                 with contextlib.nullcontext() if self.q_real_wrapped else torch.no_grad():
-                    mu, logvar = (q if self.q_real_wrapped else self.raw.inference)(x, fade_alpha)
-                z_rec = reparameterize(mu, logvar, torch.randn_like(mu))
+                    q = self.wrapped.inference if self.q_real_wrapped else self.raw.inference
+                    mu, logvar = q(x, fade_alpha)
+                z_rec = reparameterize(mu, logvar, eps.to(mu.dtype))
                 if not t.inference_rec:
                     z_rec = z_rec.detach()
-            # x̃ = g(z) and g(z̃) in one generator call; x̃ keeps its graph for the θ step.
             needs_fake = t.energy or t.uses_latent_nll
             if z_rec is not None and cfg.fused:
                 zs = [z, z_rec.to(z.dtype)] if needs_fake else [z_rec.to(z.dtype)]
@@ -199,34 +236,79 @@ class _Runner:
                 x_fake, x_rec = out if needs_fake else (None, out[0])
             else:
                 x_fake, x_rec = g(z, fade_alpha), None
+        self.z_rec = z_rec  # the strict φ and θ steps take it
+        return x_fake, x_rec, mu, logvar
 
-            # α step: mean f(x̃) − mean f(x), no graph through g.
-            if t.energy:
-                # R1 needs ∇ₓf(x): a leaf copy of x, so that x itself stays a constant below.
-                x_e = x.detach().requires_grad_(True) if self.r1_weight else x
-                f_real, f_fake_old = f(torch.cat([x_e, x_fake.detach()]), fade_alpha).split(len(x))
-                r1 = None
-                if self.r1_weight:
-                    (grad,) = torch.autograd.grad(f_real.float().sum(), x_e, create_graph=True)
-                    r1 = grad.float().square().flatten(1).sum(1)
-                    self.metrics["r1"] = r1.detach().mean()
-                loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift, cfg.w_level, r1, self.r1_weight)
-                self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean()
-                                    .detach(), f_fake=f_fake_old.float().mean().detach())
+    def energy_loss(self, x: Tensor, x_fake: Tensor) -> Tensor:
+        """The α step's loss: mean f(x̃) − mean f(x) and its regularisers; ``x_fake`` detached."""
+        cfg, fade_alpha = self.cfg, self.fade_alpha
+        with self.autocast():
+            # R1 needs ∇ₓf(x): a leaf copy of x, so that x itself stays a constant below.
+            x_e = x.detach().requires_grad_(True) if self.r1_weight else x
+            f_real, f_fake_old = self.wrapped.energy(torch.cat([x_e, x_fake]), fade_alpha).split(len(x))
+            r1 = None
+            if self.r1_weight:
+                (grad,) = torch.autograd.grad(f_real.float().sum(), x_e, create_graph=True)
+                r1 = grad.float().square().flatten(1).sum(1)
+                self.metrics["r1"] = r1.detach().mean()
+            loss_e = energy_loss(f_real, f_fake_old, cfg.w_drift, cfg.w_level, r1, self.r1_weight)
+        self.metrics.update(loss_energy=loss_e.detach(), f_real=f_real.float().mean().detach(),
+                            f_fake=f_fake_old.float().mean().detach())
+        return loss_e
+
+    def iteration(self, x: Tensor, z: Tensor, eps: Tensor | None) -> dict[str, Tensor]:
+        cfg, t = self.cfg, self.terms
+        rec_scale = cfg.rec_scale(x.shape[-1])
+        x_fake, x_rec, mu, logvar = self.forward(x, z, eps)
         if t.energy:
-            self.apply("energy", loss_e, "energy")
-
+            self.apply("energy", self.energy_loss(x, x_fake.detach()), "energy")
         if cfg.fused:
-            self.fused_phi_theta(x, z, x_fake, x_rec, mu, logvar, rec_scale)
+            shared = self.phi_theta_loss(x, z, x_fake, x_rec, mu, logvar, rec_scale)
+            self.apply("generator", shared, "generator", "inference")
         else:
-            self.strict_phi(x, z, x_fake, z_rec, mu, logvar, rec_scale)
-            self.theta(x, z, x_fake, z_rec, rec_scale)
+            self.strict_phi(x, z, x_fake, self.z_rec, mu, logvar, rec_scale)
+            self.theta(x, z, x_fake, self.z_rec, rec_scale)
         for _ in range(cfg.generator_steps - 1):
-            self.theta(x, z, None, z_rec, rec_scale)
+            self.theta(x, z, None, self.z_rec, rec_scale)
         return self.metrics
 
-    def fused_phi_theta(self, x, z, x_fake, x_rec, mu, logvar, rec_scale) -> None:
-        """φ and θ steps from one backward (module docstring: what is shared, and why)."""
+    def accumulated_iteration(self, xs: tuple[Tensor, ...], zs: tuple[Tensor, ...],
+                              epss: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
+        """:meth:`iteration` (fused) over micro-batches (module docstring)."""
+        t, count, last = self.terms, sum(len(z) for z in zs), len(zs) - 1
+        epss = epss if epss is not None else (None,) * len(zs)
+        totals: dict[str, Tensor] = {}
+
+        def add_metrics(weight: float) -> None:
+            for name, value in self.metrics.items():
+                if not name.startswith("grad_norm_"):
+                    totals[name] = totals.get(name, 0) + value * weight
+            self.metrics = {k: v for k, v in self.metrics.items() if k.startswith("grad_norm_")}
+
+        if t.energy:
+            self.zero_grad("energy")
+            for i, (x, z) in enumerate(zip(xs, zs)):
+                with torch.no_grad(), self.autocast():
+                    x_fake = self.raw.generator(z, self.fade_alpha)
+                loss_e = self.energy_loss(x, x_fake)
+                self.check("energy", loss_e)
+                self.backward(loss_e * (len(z) / count), sync=i == last, wrapped=("energy",))
+                add_metrics(len(z) / count)
+            self.step("energy")
+        self.zero_grad("generator", "inference")
+        for i, (x, z, eps) in enumerate(zip(xs, zs, epss)):
+            x_fake, x_rec, mu, logvar = self.forward(x, z, eps)
+            shared = self.phi_theta_loss(x, z, x_fake, x_rec, mu, logvar, self.cfg.rec_scale(x.shape[-1]))
+            self.check("generator", shared)
+            self.backward(shared * (len(z) / count), sync=i == last, wrapped=("generator", "inference"))
+            add_metrics(len(z) / count)
+        self.step("generator", "inference")
+        self.metrics |= totals
+        return self.metrics
+
+    def phi_theta_loss(self, x, z, x_fake, x_rec, mu, logvar, rec_scale) -> Tensor:
+        """The loss whose one backward gives the φ and θ steps (module docstring: what is
+        shared, and why); checks the φ loss."""
         cfg, t, fade_alpha = self.cfg, self.terms, self.fade_alpha
         with self.autocast():
             rec = sum_squared_error(x, x_rec) * rec_scale if x_rec is not None else None
@@ -245,7 +327,7 @@ class _Runner:
             shared = _shared_loss(cfg, rec, kl, lat_nll, f_fake)
         self._record(x, rec, rec_scale, kl, lat_nll, loss_phi, loss_theta)
         self.check("inference", loss_phi)
-        self.apply("generator", shared, "generator", "inference")
+        return shared
 
     def strict_phi(self, x, z, x_fake, z_rec, mu, logvar, rec_scale) -> None:
         """φ step of Algorithm 1 with its own passes; θ gets no gradient from it."""

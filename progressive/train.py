@@ -183,7 +183,8 @@ SETTINGS = [
             none="end of the last stable phase"),
     Setting("schedule.batch_per_resolution", "Global batch: N for all resolutions or RES:N,...",
             flag="--batch", type=str, show=_format_table, special=True),
-    Setting("schedule.per_gpu_batch_cap", "Largest batch per GPU: N or RES:N,...",
+    Setting("schedule.per_gpu_batch_cap", "Largest micro-batch per GPU: N or RES:N,...; a "
+            "GPU's larger share of --batch is accumulated over micro-batches",
             flag="--gpu-batch-cap", type=str, show=_format_table, special=True),
     Setting("schedule.lr_generator", "Generator learning rate", old=("--lr-g",)),
     Setting("schedule.lr_inference", "Inference learning rate", old=("--lr-i",)),

@@ -204,7 +204,8 @@ def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: Tria
         for group in optimizer.param_groups:
             group["lr"] = getattr(lrs, name)
     metrics = step_fn(state.models, state.optimizers, x, z.to(accelerator.device), st.fade_alpha,
-                      accelerator, regularize=state.step % cfg.objective.r1_interval == 0)
+                      accelerator, regularize=state.step % cfg.objective.r1_interval == 0,
+                      micro_batches=st.accumulation)
     beta = ema_beta(st.global_batch, state.images_seen, cfg.ema_kimg, cfg.ema_rampup)
     update_ema(state.ema, accelerator.unwrap_model(state.models.generator), beta)
     state.images_seen += st.global_batch

@@ -8,6 +8,7 @@ import pytest
 from triangle.networks import Stage, stage_sequence
 from triangle.progressive.schedule import (
     ScheduleConfig,
+    batch_sizes,
     format_stage_table,
     phase_boundaries,
     schedule,
@@ -70,15 +71,21 @@ def test_schedule_is_the_same_fresh_or_after_a_resume():
         assert run(restored, start=n) == fresh[cut:]
 
 
-def test_batch_sizes_follow_the_table_the_gpu_cap_and_the_world_size():
-    assert schedule(0, CFG).global_batch == 64  # capped by one GPU's 64
-    assert schedule(0, CFG, world_size=2).global_batch == 96  # 48 per GPU
-    assert schedule(0, CFG, world_size=2).per_gpu_batch == 48
-    st = schedule(8000, CFG, world_size=4)
-    assert (st.global_batch, st.per_gpu_batch) == (32, 8)
+def test_batch_sizes_follow_the_table_on_any_world_size_with_accumulation_above_the_cap():
+    st = schedule(0, CFG)  # 96 on one GPU whose cap is 64: two micro-batches of 48
+    assert (st.global_batch, st.per_gpu_batch, st.accumulation) == (96, 96, 2)
+    st = schedule(0, CFG, world_size=2)  # 48 per GPU: fits
+    assert (st.global_batch, st.per_gpu_batch, st.accumulation) == (96, 48, 1)
+    st = schedule(8000, CFG, world_size=4)  # 32x32: 32 in all, 8 per GPU
+    assert (st.stage.resolution, st.global_batch, st.per_gpu_batch, st.accumulation) == (32, 32, 8, 1)
+    assert batch_sizes(CFG, 32, 1) == (32, 32, 2) and batch_sizes(CFG, 32, 1).micro_batch == 16
+    assert batch_sizes(CFG, 4, 5) == (95, 19, 1)  # rounded down to a multiple of the world size
     for world in (1, 2, 3):
         for _, st in run(CFG, world_size=world):
             assert st.global_batch == st.per_gpu_batch * world
+            assert -(-st.per_gpu_batch // st.accumulation) <= CFG.per_gpu_batch_cap[st.resolution]
+            full = batch_sizes(CFG, st.resolution, world).global_batch
+            assert st.global_batch <= full  # less on a phase's shortened last step only
 
 
 def test_learning_rates_decay_with_images_shown():

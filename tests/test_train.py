@@ -272,9 +272,10 @@ def test_two_ranks_resume_with_every_rank_state(data, two_ranks, tmp_path, two_g
 
 def test_a_run_moves_between_world_sizes_with_its_schedule_and_global_batch(data, reference, tmp_path, two_gloo_ranks):
     """1 process -> 2 ranks -> 1 process: each resume says what is re-seeded; the stage table
-    and every step's global batch stay the single-process run's."""
+    and every step's global batch stay the single-process run's, the micro-batches within the
+    GPU cap of 4 (16 images: 4 micro-batches on one process, 2 on each of two ranks)."""
     run_dir = tmp_path / "moving"
-    command = ["--data", data, "--run-dir", str(run_dir), *TINY]
+    command = ["--data", data, "--run-dir", str(run_dir), *TINY, "--gpu-batch-cap", "4"]
     result = run_cli([*command, "--debug-stop-at-kimg", "0.2"])
     assert result.exit_code == 0 and final_state(run_dir).images_seen == 192
     out = two_gloo_ranks(TRAIN, [*command, "--debug-stop-at-kimg", "0.29"]).stdout
@@ -293,6 +294,28 @@ def test_a_run_moves_between_world_sizes_with_its_schedule_and_global_batch(data
     for m in records:
         assert m["global_batch"] == single[(m["resolution"], m["fading"])]
         assert m["per_gpu_batch"] * m["world_size"] == m["global_batch"]
+        assert m["accumulation"] == {1: 4, 2: 2}[m["world_size"]]
+
+
+def test_gradient_accumulation_trains_as_the_one_batch_run(data, tmp_path):
+    """Batch 16 in 4 micro-batches (--gpu-batch-cap 4) against one batch of 16, 4->8, level
+    anchor off (tests/test_objective.py: the gradients are equal). The generator and inference
+    weights agree to float rounding; the energy's to Adam's first steps, which turn a rounding
+    difference in a near-zero gradient into a full step (lr 1e-3) of either sign."""
+    command = ["--data", data, *TINY[:-3], "--max-res", "8", "--deterministic", "--w-level", "0"]
+    runs = {}
+    for name, extra in (("one", []), ("micro", ["--gpu-batch-cap", "4"])):
+        result = run_cli([*command, "--run-dir", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        runs[name] = final_state(tmp_path / name)
+    assert [m["accumulation"] for m in jsonl(tmp_path / "micro" / "metrics.jsonl")] == [4] * 6
+    assert [m["global_batch"] for m in jsonl(tmp_path / "micro" / "metrics.jsonl")] == [16] * 6
+    one, micro = runs["one"], runs["micro"]
+    assert one.images_seen == micro.images_seen == 3 * 64
+    for kind, tolerance in (("generator", 1e-5), ("inference", 1e-5), ("energy", 4e-3)):
+        for name, tensor in one.models[kind].items():
+            torch.testing.assert_close(micro.models[kind][name], tensor, rtol=0, atol=tolerance,
+                                       msg=f"{kind}.{name}")
 
 
 def test_a_sigterm_checkpoints_and_exits_75_and_the_rerun_gives_the_uninterrupted_weights(
