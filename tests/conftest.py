@@ -24,6 +24,19 @@ EVAL_RUN_OPTIONS = [
 EVAL_RUN_FINAL = "checkpoint-000000000096.pt"  # 8x8 stable, the run's last checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_process():
+    """Every test's networks are tiny: a second CPU thread per process only waits for the first
+    (and spins, slowing everything, when two processes share the cores). One thread here and,
+    through OMP_NUM_THREADS, in every process a test starts."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def eval_data(tmp_path_factory) -> str:
     """A demo LMDB 4..8 of 160 images, 16 of them held out as the test split."""
