@@ -20,7 +20,7 @@ from typing import Any
 
 from ..networks import NetworkConfig
 from .objective import ObjectiveConfig
-from .schedule import ScheduleConfig
+from .schedule import ScheduleConfig, stage_table
 
 PRECISIONS = ("no", "bf16", "fp16")
 MOMENT_POLICIES = ("reset", "carry")
@@ -183,6 +183,18 @@ def demo_config() -> TrainConfig:
         checkpoint_kimg=20.0,
         num_workers=0,
     )
+
+
+def check_accumulation(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse at the start, not hours later at the first phase that needs it, a schedule with
+    gradient accumulation under a step that cannot accumulate (TriangleStep)."""
+    accumulated = [f"{r['resolution']}x{r['resolution']}" for r in stage_table(cfg.schedule, world_size)
+                   if r["accumulation"] > 1]
+    if accumulated and (not cfg.objective.fused or cfg.objective.generator_steps > 1):
+        raise UserError(
+            f"the batch at {', '.join(dict.fromkeys(accumulated))} needs gradient accumulation on "
+            f"{world_size} process(es) (--batch above --gpu-batch-cap), which needs --fused and "
+            "--generator-steps 1; raise --gpu-batch-cap, lower --batch or use more processes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,12 +114,11 @@ class TriangleStep:
             return run.iteration(x, z, eps)
         if not self.cfg.fused or self.cfg.generator_steps > 1:
             raise ValueError("gradient accumulation needs the fused step and one generator step "
-                             "per iteration; raise --gpu-batch-cap or drop --strict-step / "
-                             "--generator-steps")
-        split = (lambda t: t.tensor_split(micro_batches)) if micro_batches <= len(z) else None
-        if split is None:
+                             "per iteration")
+        if micro_batches > len(z):
             raise ValueError(f"{micro_batches} micro-batches of a batch of {len(z)}")
-        return run.accumulated_iteration(split(x), split(z), split(eps) if eps is not None else None)
+        epss = eps.tensor_split(micro_batches) if eps is not None else None
+        return run.accumulated_iteration(x.tensor_split(micro_batches), z.tensor_split(micro_batches), epss)
 
     def _defer(self, name: str, loss: Tensor) -> None:
         self._pending.append((self._steps, name, ~torch.isfinite(loss.detach()).reshape(())))

@@ -37,6 +37,7 @@ from triangle.progressive.config import (
     PRECISIONS,
     TrainConfig,
     UserError,
+    check_accumulation,
     demo_config,
     flatten,
     unflatten,
@@ -344,6 +345,10 @@ def main(**o) -> None:
         if not _is_main_rank():  # under a launcher, one copy of the table is enough
             return
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            check_accumulation(cfg, world)
+        except UserError as exc:
+            raise click.UsageError(str(exc)) from None
         source = (f"{cfg.data} ({meta.count} images, {meta.resolutions[0]}..{meta.max_resolution})"
                   if meta else f"built-in demo ({cfg.demo_count} images, rendered into the run dir)")
         click.echo(cfg.to_json())

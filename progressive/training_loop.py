@@ -35,7 +35,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from ..networks import fade_images
 from .checkpoint import Checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints
-from .config import TrainConfig, UserError, check_resume_compatible
+from .config import TrainConfig, UserError, check_accumulation, check_resume_compatible
 from .data import check_same_data, open_training_data, prepare_data, training_batches
 from .divergence import DivergenceError, divergence_message, may_roll_back, roll_back
 from .ema import ema_beta, update_ema
@@ -74,6 +74,7 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     set_seed(cfg.seed, device_specific=True)  # the global generators differ per rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    check_accumulation(cfg, accelerator.num_processes)
     step_fn = TriangleStep(cfg.objective, defer_checks=cfg.finite_check_steps > 1)
     console = open_run_dir(Path(cfg.run_dir), accelerator.is_main_process)
     data_path = prepare_data(cfg, accelerator)

@@ -194,6 +194,7 @@ def test_the_demo_is_the_default():
     (["--data", "{data}", "--max-res", "16"], "holds resolutions 4..8, not 16"),
     (["--batch", "4:x"], "expected N or RES:N"),
     (["--objective", "gan"], "'gan' is not one of"),
+    (["--gpu-batch-cap", "8", "--strict"], "needs gradient accumulation on 1 process(es)"),
 ])
 def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, data=data) for a in args]
