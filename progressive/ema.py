@@ -28,12 +28,8 @@ def ema_beta(batch: int, images_seen: int, halflife_kimg: float, rampup: float |
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """``ema <- beta * ema + (1 - beta) * model`` for parameters (matched by name); buffers copied."""
     params = dict(model.named_parameters())
-    ema_params, new_params = [], []
     for name, p_ema in ema.named_parameters():
-        ema_params.append(p_ema)
-        new_params.append(params[name].detach())
-    if ema_params:
-        torch._foreach_lerp_(ema_params, new_params, 1.0 - beta)
+        p_ema.lerp_(params[name].detach(), 1.0 - beta)
     buffers = dict(model.named_buffers())
     for name, b_ema in ema.named_buffers():
         b_ema.copy_(buffers[name])

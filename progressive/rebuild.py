@@ -57,8 +57,6 @@ def rebuild(state: RunState, stage: Stage, cfg: TrainConfig, accelerator: Accele
         "to": stage_label(stage.resolution, stage.fading),
         "seconds": time.perf_counter() - t0, "rank_checksums": sums,
         "world_size": accelerator.num_processes,
-        "prepared_models": len(accelerator._models),
-        "prepared_optimizers": len(accelerator._optimizers),
         "adam_moments": cfg.adam_moments, "time": time.time(), **memory_stats(accelerator.device),
     }
     if accelerator.device.type == "cuda":  # peak memory per phase

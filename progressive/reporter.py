@@ -180,8 +180,6 @@ class Reporter:
             "lr_inference": self.last_lrs.inference, "lr_scale": state.lr_scale,
             "images_per_s": speed, "seconds": seconds, "elapsed_s": state.elapsed_s,
             "time": time.time(),
-            "prepared_models": len(accelerator._models),
-            "prepared_optimizers": len(accelerator._optimizers),
             **losses, **memory_stats(accelerator.device),
             **(self._diagnose(state) if accelerator.is_main_process else {}),
         }

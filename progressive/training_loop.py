@@ -251,8 +251,6 @@ def _finish(state: RunState, accelerator: Accelerator, reporter: Reporter) -> di
     summary = {
         "images_seen": state.images_seen, "steps": state.step,
         "world_size": accelerator.num_processes, "stage": dataclasses.asdict(state.stage),
-        "prepared_models": len(accelerator._models),
-        "prepared_optimizers": len(accelerator._optimizers),
     }
     reporter.close()
     return summary
