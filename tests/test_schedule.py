@@ -120,3 +120,23 @@ def test_stage_table_lists_every_phase():
 def test_impossible_settings_are_refused(bad):
     with pytest.raises(ValueError):
         dataclasses.replace(CFG, **bad)
+
+
+def test_ema_halves_its_distance_to_the_model_every_half_life():
+    import torch
+
+    from triangle.progressive.ema import ema_beta, update_ema
+
+    # After half_life images, in steps of batch, the EMA has moved half way (no ramp-up).
+    beta = ema_beta(batch=32, images_seen=10**6, halflife_kimg=0.64, rampup=None)
+    assert beta ** (640 / 32) == pytest.approx(0.5)
+    # The ramp-up shortens the half-life early in training: images_seen x rampup.
+    assert ema_beta(32, 1000, 10.0, 0.05) == pytest.approx(0.5 ** (32 / 50))
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(1.0), ema.weight.fill_(0.0)
+        model.running_mean.fill_(7.0)
+    for _ in range(20):
+        update_ema(ema, model, beta)
+    assert torch.allclose(ema.weight, torch.full((3,), 0.5))  # parameters: half way after 640 images
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers: copied
