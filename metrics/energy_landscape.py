@@ -154,7 +154,7 @@ def path_barriers(landscape: LatentEnergy, minima: Tensor, cfg: LandscapeConfig,
     m = minima.shape[0]
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     barriers = np.zeros((m, m))
-    barriers[np.diag_indices(m)] = landscape(minima).double().numpy()
+    barriers[np.diag_indices(m)] = landscape(minima).double().cpu().numpy()
     per_call = max(1, cfg.batch // cfg.path_points)
     for start in range(0, len(pairs), per_call):
         chunk = pairs[start:start + per_call]
