@@ -37,23 +37,26 @@ import _cli  # noqa: E402
 
 
 class _ProgressLine:
-    """One updating line per phase on stderr: ``descent  120/300  4.1 s``."""
+    """Progress on stderr, ``descent  120/300  4.1 s``: one updating line per phase on a
+    terminal, a line every 10 seconds (and at each phase's end) in a log file."""
 
     def __init__(self) -> None:
         self.phase, self.t0, self.last = None, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         now = time.perf_counter()
         if phase != self.phase:
-            if self.phase is not None:
+            if self.phase is not None and self.tty:
                 click.echo(err=True)
             self.phase, self.t0 = phase, now
-        if done == total or now - self.last > 0.5:
+        if done == total or now - self.last > (0.5 if self.tty else 10.0):
             self.last = now
-            click.echo(f"\r{phase:<13} {done:>6}/{total}  {now - self.t0:6.1f} s", nl=False, err=True)
+            line = f"{phase:<13} {done:>6}/{total}  {now - self.t0:6.1f} s"
+            click.echo(f"\r{line}" if self.tty else line, nl=not self.tty, err=True)
 
     def close(self) -> None:
-        if self.phase is not None:
+        if self.phase is not None and self.tty:
             click.echo(err=True)
 
 
