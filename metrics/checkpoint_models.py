@@ -76,11 +76,11 @@ def load_checkpoint(
     ablations)."""
     path = resolve_checkpoint(checkpoint_or_run_dir)
     checkpoint = Checkpoint.load(path)
-    if energy and not checkpoint.train_config.objective.terms.energy:  # saved, never trained
-        raise CheckpointError(f"{path}: this run has no energy model (objective "
-                              f"{checkpoint.train_config.objective.kind!r}); use a triangle or acd run")
     try:
         cfg = checkpoint.train_config
+        if energy and not cfg.objective.terms.energy:  # saved, never trained
+            raise CheckpointError(f"{path}: this run has no energy model (objective "
+                                  f"{cfg.objective.kind!r}); use a triangle or acd run")
 
         def build(kind: str, key: str) -> nn.Module:
             net = build_network(kind, cfg.network, checkpoint.stage)
@@ -97,5 +97,5 @@ def load_checkpoint(
             inference=build("inference", "inference") if inference else None,
             energy=build("energy", "energy") if energy else None,
         )
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unusable checkpoint ({type(exc).__name__}: {exc})") from exc

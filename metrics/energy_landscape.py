@@ -122,15 +122,16 @@ def merge_duplicates(images: Tensor, energies: Tensor, merge_rms: float) -> tupl
     Returns (``representatives``: the index of each distinct minimum, lowest energy first;
     ``assignment``: for each of the N, the position in ``representatives`` it merged into).
     """
-    flat = images.reshape(images.shape[0], -1).double()
+    flat = images.reshape(images.shape[0], -1).float()
+    # RMS distance between every pair, on the host (N x N: small), one transfer.
+    rms = (torch.cdist(flat, flat) / math.sqrt(flat.shape[1])).cpu()
     order = torch.argsort(energies).tolist()
     representatives: list[int] = []
     assignment = [0] * len(order)
     for i in order:
-        for k, r in enumerate(representatives):
-            if (flat[i] - flat[r]).pow(2).mean().sqrt() < merge_rms:
-                assignment[i] = k
-                break
+        close = [k for k, r in enumerate(representatives) if rms[i, r] < merge_rms]
+        if close:
+            assignment[i] = close[0]
         else:
             assignment[i] = len(representatives)
             representatives.append(i)
@@ -276,13 +277,16 @@ class Landscape:
         for m in self.merges:
             lowest[m.node] = min(lowest[m.left], lowest[m.right])
 
-        def leaves(node: int) -> list[int]:
-            if node not in children:
-                return [node]
-            a, b = sorted(children[node], key=lowest.__getitem__)
-            return leaves(a) + leaves(b)
-
-        return leaves(self.merges[-1].node) if self.merges else list(range(len(self.basins)))
+        if not self.merges:
+            return list(range(len(self.basins)))
+        order, stack = [], [self.merges[-1].node]  # depth first, lower subtree first
+        while stack:
+            node = stack.pop()
+            if node in children:
+                stack.extend(sorted(children[node], key=lowest.__getitem__, reverse=True))
+            else:
+                order.append(node)
+        return order
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -320,6 +324,8 @@ def map_landscape(landscape: LatentEnergy, starts: Tensor, cfg: LandscapeConfig,
                   progress: Progress = _no_progress) -> Landscape:
     """Descend from the N x d ``starts``, merge duplicates, estimate barriers, group basins and
     build their merge tree (see the module doc)."""
+    if starts.ndim != 2 or starts.shape[0] < 1:
+        raise ValueError(f"starts must be N x d with N >= 1, got {tuple(starts.shape)}")
     kinds = start_kinds or ["prior"] * starts.shape[0]
     ends, end_energies = descend(landscape, starts, cfg, progress)
     representatives, assignment = merge_duplicates(landscape.images(ends), end_energies, cfg.merge_rms)

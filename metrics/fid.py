@@ -294,13 +294,17 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def classifier_logits(extractor: FeatureExtractor, features: np.ndarray) -> np.ndarray:
-    """The extractor's classifier logits of N x D ``features`` (N x K), or FIDError."""
+def _classifier(extractor: FeatureExtractor) -> Callable[[Tensor], Tensor]:
     logits = getattr(extractor, "logits", None)
     if logits is None:
         raise FIDError(f"{extractor.name} has no classifier: the Inception Score needs the "
                        "inception (or demo) features")
-    return logits(torch.from_numpy(features)).float().cpu().numpy()
+    return logits
+
+
+def classifier_logits(extractor: FeatureExtractor, features: np.ndarray) -> np.ndarray:
+    """The extractor's classifier logits of N x D ``features`` (N x K), or FIDError."""
+    return _classifier(extractor)(torch.from_numpy(features)).float().cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -401,10 +405,11 @@ def data_statistics(
     Returns ``(stats, cache file or None, whether it was read from the cache)``. With
     ``cache_dir`` the result is kept there as ``fid-<split>-<res>-<count>-<hash>.npz``, keyed
     by :func:`stats_key`; a cache that cannot be written is skipped, not fatal. ``shard``
-    (default: :meth:`Shard.current`) shares the batches out over the processes; the cache is
+    (:meth:`Shard.current` from a command under ``accelerate launch``; default: this process
+    alone) shares the batches out over the processes, which must all call this; the cache is
     read only if every rank has it and written by rank 0.
     """
-    shard = Shard.current() if shard is None else shard
+    shard = Shard() if shard is None else shard
     try:
         ds = MultiResolutionDataset(data, split=split)
     except DatasetError as exc:
@@ -490,14 +495,18 @@ def fid_of_generator(
     seed: int = 0,
     metrics: tuple[str, ...] = ("fid", "kid"),
     inception_score_splits: int = 10,
+    shard: Shard | None = None,
 ) -> FIDResult:
     """``metrics`` (of :data:`METRICS`) of ``num_samples`` samples against the data's ``split``
-    at ``resolution`` (the IS needs no data). Shared out over the processes of an initialised
-    ``torch.distributed`` group (:class:`Shard`); every rank returns the same result."""
+    at ``resolution`` (the IS needs no data). With ``shard`` (:meth:`Shard.current` under
+    ``accelerate launch``) the work is shared out over the processes, which must all call
+    this, and every rank returns the same result; default: this process alone."""
     unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:
         raise FIDError(f"metrics must be some of {', '.join(METRICS)}, got {', '.join(metrics)}")
-    shard = Shard.current()
+    if "is" in metrics:
+        _classifier(extractor)  # its one-line error before any sampling
+    shard = Shard() if shard is None else shard
     real, file, cached = None, None, False
     if {"fid", "kid"} & set(metrics):
         real, file, cached = data_statistics(data, resolution, extractor, split=split, count=num_real,

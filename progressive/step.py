@@ -25,8 +25,9 @@ loss weighted by its share of the batch, before the energy is stepped; then the 
 shared loss likewise, with x̃ recomputed through the generator per micro-batch (its graph is not
 kept across micro-batches: that is the memory saved). Every term of the losses is a mean over
 images, so the result is the one-batch step's, except the level anchor on f, a square of batch
-means, which is applied per micro-batch. Only the last micro-batch all-reduces gradients
-(``accelerator.no_sync`` on the others). Needs the fused step with one θ step per iteration.
+means, which is applied per micro-batch. Only the last micro-batch all-reduces gradients (the
+others run forward and backward under DDP's ``no_sync``). Needs the fused step with one θ step
+per iteration.
 
 Distributed training: each backward calls each wrapped (DDP) network at most once; the other
 passes use the unwrapped module, with its parameters' ``requires_grad`` switched off where it
@@ -149,7 +150,7 @@ class _Runner:
         self.r1_weight = cfg.w_r1 * cfg.r1_interval if regularize else 0.0  # lazy R1
         self.wrapped, self.optimizers, self.fade_alpha = models, optimizers, fade_alpha
         self.accelerator = accelerator
-        unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
+        unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: getattr(m, "module", m))
         self.raw = TrainModels(*(unwrap(m) for m in models))
         # Whether q(x) goes through the wrapped inference network (φ learns from it); if not,
         # q(x̃) does: one wrapped call per network and backward.
@@ -186,17 +187,21 @@ class _Runner:
         for n in names:
             getattr(self.optimizers, n).zero_grad(set_to_none=True)
 
-    def backward(self, loss: Tensor, *, sync: bool = True, wrapped: tuple[str, ...] = ()) -> None:
-        """``loss.backward()``; with ``sync=False`` the ``wrapped`` (DDP) networks keep their
-        gradients local (a micro-batch before the last)."""
-        with contextlib.ExitStack() as stack:
-            if self.accelerator is not None:
-                if not sync:
-                    for n in wrapped:
-                        stack.enter_context(self.accelerator.no_sync(getattr(self.wrapped, n)))
-                self.accelerator.backward(loss)
-            else:
-                loss.backward()
+    def backward(self, loss: Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def local_gradients(self, local: bool, *names: str) -> contextlib.ExitStack:
+        """With ``local``, the DDP-wrapped networks ``names`` keep this micro-batch's gradients
+        on the rank (``DistributedDataParallel.no_sync``): entered before their forward passes,
+        where DDP decides whether the backward all-reduces."""
+        stack = contextlib.ExitStack()
+        if local:
+            for n in names:
+                stack.enter_context(getattr(getattr(self.wrapped, n), "no_sync", contextlib.nullcontext)())
+        return stack
 
     def step(self, *names: str) -> None:
         """Clip (``grad_clip``) and step the optimisers of ``names``; logs the gradient norms."""
@@ -287,19 +292,22 @@ class _Runner:
         if t.energy:
             self.zero_grad("energy")
             for i, (x, z) in enumerate(zip(xs, zs)):
-                with torch.no_grad(), self.autocast():
-                    x_fake = self.raw.generator(z, self.fade_alpha)
-                loss_e = self.energy_loss(x, x_fake)
-                self.check("energy", loss_e)
-                self.backward(loss_e * (len(z) / count), sync=i == last, wrapped=("energy",))
+                with self.local_gradients(i != last, "energy"):
+                    with torch.no_grad(), self.autocast():
+                        x_fake = self.raw.generator(z, self.fade_alpha)
+                    loss_e = self.energy_loss(x, x_fake)
+                    self.check("energy", loss_e)
+                    self.backward(loss_e * (len(z) / count))
                 add_metrics(len(z) / count)
             self.step("energy")
         self.zero_grad("generator", "inference")
         for i, (x, z, eps) in enumerate(zip(xs, zs, epss)):
-            x_fake, x_rec, mu, logvar = self.forward(x, z, eps)
-            shared = self.phi_theta_loss(x, z, x_fake, x_rec, mu, logvar, self.cfg.rec_scale(x.shape[-1]))
-            self.check("generator", shared)
-            self.backward(shared * (len(z) / count), sync=i == last, wrapped=("generator", "inference"))
+            with self.local_gradients(i != last, "generator", "inference"):
+                x_fake, x_rec, mu, logvar = self.forward(x, z, eps)
+                shared = self.phi_theta_loss(x, z, x_fake, x_rec, mu, logvar,
+                                             self.cfg.rec_scale(x.shape[-1]))
+                self.check("generator", shared)
+                self.backward(shared * (len(z) / count))
             add_metrics(len(z) / count)
         self.step("generator", "inference")
         self.metrics |= totals

@@ -246,6 +246,39 @@ def test_accumulated_micro_batches_give_the_one_batch_gradients(kind):
             torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=atol, msg=n)
 
 
+@pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
+def test_micro_batches_all_reduce_each_network_once_per_step(tmp_path):
+    """Plain DDP (one gloo process) with a comm hook counting each network's all-reduces: 3
+    micro-batches reduce as often as one batch (the others' gradients stay local)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        counts = []
+        for micro_batches in (1, 3):
+            models, opts = make()
+            calls = {}
+
+            def count(name, tally):
+                def hook(state, bucket):
+                    tally[name] = tally.get(name, 0) + 1
+                    done = torch.futures.Future()
+                    done.set_result(bucket.buffer())
+                    return done
+                return hook
+
+            wrapped = TrainModels(*(DistributedDataParallel(m) for m in models))
+            for name, module in zip(TrainModels._fields, wrapped):
+                module.register_comm_hook(None, count(name, calls))
+            TriangleStep(ObjectiveConfig())(wrapped, opts, toy_images(10, 5), torch.randn(10, 4), 1.0,
+                                            micro_batches=micro_batches)
+            counts.append(calls)
+        assert counts[0] == counts[1] == {"generator": 1, "energy": 1, "inference": 1}
+    finally:
+        dist.destroy_process_group()
+
+
 def test_accumulation_needs_the_fused_step():
     models, opts = make()
     with pytest.raises(ValueError, match="fused step"):

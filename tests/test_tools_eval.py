@@ -92,6 +92,17 @@ def test_fid_tool_on_two_ranks_equals_one_process(eval_run, eval_data, tmp_path,
     assert len(list((tmp_path / "two").glob("fid-train-8-144-*.npz"))) == 1  # one writer
 
 
+def test_the_inception_score_alone_reads_no_data(eval_run, tmp_path):
+    result = invoke("fid", [eval_run, "--features", "demo", "--metrics", "is", "--num-samples", 20,
+                            "--batch", 10, "--workers", 0, "--data", tmp_path / "no-such.lmdb"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"IS \d+\.\d+ ± \d+\.\d+", result.output) and "FID" not in result.output
+    record = json.loads((eval_run / "metrics-fid.jsonl").read_text().splitlines()[-1])
+    assert record["fid"] is None and record["num_real"] == 0 and record["data"] is None
+    refused = invoke("fid", [eval_run, "--features", "random-conv", "--metrics", "is"])
+    assert refused.exit_code == 1 and "has no classifier" in refused.output
+
+
 def test_fid_tool_default_cache_is_beside_the_data(eval_run, eval_data):
     result = invoke("fid", [eval_run, "--data", eval_data, "--features", "random-conv",
                             "--num-samples", 8, "--split", "test", "--workers", 0])

@@ -61,7 +61,7 @@ def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_
     and the noise on as many uniform noise images."""
     res = loaded.resolution
     real, _, _ = data_statistics(data, res, features, split=split, count=num_real, batch=batch,
-                                 cache_dir=cache, shard=Shard())  # the cache fid_of_generator wrote
+                                 cache_dir=cache)  # the cache fid_of_generator wrote
     other = {"train": "test", "test": "train"}.get(split)
     floor = None
     if other is not None and (other == "train" or read_metadata(data).test_indices):
@@ -127,7 +127,8 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
     multi = state.num_processes > 1
     device = state.device if multi and device is None else _cli.resolve_device(device)
     loaded = _cli.load(checkpoint, ema=ema, device=device)
-    data = _cli.run_data(loaded, data)
+    needs_data = bool({"fid", "kid"} & set(metrics))  # the IS alone reads no data
+    data = _cli.run_data(loaded, data) if needs_data else data
     with _cli.one_line_errors():
         if features_name == "random-conv":
             features = RandomConvFeatures(device=device)
@@ -135,12 +136,12 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
             features = DemoFeatures(device=device)
         else:
             features = InceptionFeatures(inception, device=device)
-        cache = _stats_dir(data, loaded.run_dir, stats_dir)
+        cache = _stats_dir(data, loaded.run_dir, stats_dir) if needs_data else None
         t0 = time.perf_counter()
         r = fid_of_generator(loaded.generator, loaded.fade_alpha, loaded.latent_dim, loaded.resolution,
                              data, features, num_samples=num_samples, split=split, num_real=num_real,
                              batch=batch, device=device, num_workers=workers, cache_dir=cache, seed=seed,
-                             metrics=metrics)
+                             metrics=metrics, shard=Shard.current())
         if not state.is_main_process:
             return
         demo = (_demo_quality(loaded, data, features, split=split, num_samples=num_samples,
@@ -152,7 +153,7 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
         "generator": "ema" if ema else "raw", "fid": r.fid, "kid": r.kid,
         "inception_score": r.inception_score and r.inception_score[0],
         "inception_score_std": r.inception_score and r.inception_score[1],
-        "num_samples": r.num_fake, "num_real": r.num_real, "data": os.path.realpath(data),
+        "num_samples": r.num_fake, "num_real": r.num_real, "data": os.path.realpath(data) if needs_data else None,
         "split": split, "extractor": features.name, "seed": seed, "processes": state.num_processes,
         "seconds": round(time.perf_counter() - t0, 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -176,7 +177,8 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
     if demo is not None:
         # The FD printed is fid_of_generator's, the one logged; the demo scorer's own equals it.
         click.echo(dataclasses.replace(demo, fd=r.fid).summary())
-    click.echo(f"data statistics {stats}; appended to {loaded.run_dir / 'metrics-fid.jsonl'}")
+    click.echo(f"{f'data statistics {stats}; ' if needs_data else ''}appended to "
+               f"{loaded.run_dir / 'metrics-fid.jsonl'}")
 
 
 if __name__ == "__main__":
