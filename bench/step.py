@@ -93,9 +93,12 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
     z = torch.randn(batch, net.latent_dim, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def iteration():
+    steps = [0]
+
+    def iteration():  # lazy R1 as in training: the penalty on one step in r1_interval
         with autocast:
-            step(models, opts, x, z, 1.0)
+            step(models, opts, x, z, 1.0, regularize=steps[0] % objective.r1_interval == 0)
+        steps[0] += 1
 
     counter = PassCounter(models)
     iteration()
