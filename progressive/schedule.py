@@ -29,8 +29,9 @@ DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512:
 # split into micro-batches whose gradients are accumulated (gradient accumulation), so the
 # global batch is the table's on any number of GPUs. Measured on an H100 (bf16, default widths,
 # bench/RESULTS.md): peak memory 8.4 GiB at 128² x 32, 8.7 at 256² x 16, 9.0 at 512² x 8, 9.3 at
-# 1024² x 4, i.e. about 2 GiB per image at 1024²; these caps keep a step near 20 GiB in bf16
-# (fp32 needs about twice that), so an 80 GB card runs 512² and 1024² without accumulation.
+# 1024² x 4, i.e. about 2 GiB per image at 1024²; these caps extrapolate to about 19 GiB per
+# bf16 step (not yet measured at these sizes): one 80 GB card runs the table's batch at once up
+# to 512², and at 1024² in two micro-batches of 8.
 DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16,
                        1024: 8}
 
