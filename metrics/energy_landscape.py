@@ -32,11 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..files import write_atomic
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -414,6 +417,7 @@ def draw_disconnectivity(result: Landscape, images: Tensor | None, paths: list[s
                                  boxcoords="offset points", frameon=False)
             ax.add_artist(box)
         fig.subplots_adjust(bottom=0.28)
-    for path in paths:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+    for path in paths:  # atomically: an earlier picture under the name survives a crash
+        write_atomic(path, lambda fh, fmt=Path(path).suffix[1:]: fig.savefig(
+            fh, format=fmt, dpi=120, bbox_inches="tight"))
     plt.close(fig)

@@ -7,6 +7,7 @@ checks run them as real subprocesses, to see that no traceback reaches the user.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -25,6 +26,7 @@ from PIL import Image
 from triangle.metrics.checkpoint_models import load_checkpoint
 from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures
 from triangle.metrics.reconstruction import reconstruction_error
+from triangle.progressive.checkpoint import Checkpoint
 from triangle.progressive.curves import panels_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,9 +180,19 @@ def test_sample_tool(eval_run, tmp_path):
     (["sample", "RUN", "--device", "cuda:99"], "--device cuda:99"),
     (["fid", "RUN", "--data", "missing.lmdb"], "missing.lmdb"),
     (["reconstruct", "RUN", "--data", "DATA", "--grid", "8"], "expected COLSxROWS"),
+    (["fid", "RUN", "--metrics", "fid,xyz"], "give some of fid, kid, is"),
+    (["energy_landscape", "nothing-here"], "does not exist"),
+    (["energy_landscape", "DATA/data.mdb"], "is not a checkpoint"),
+    (["energy_landscape", "RUN", "--starts", "1", "--encoded", "0"], "fewer than 2 starts"),
+    (["energy_landscape", "VAE"], "has no energy model"),
 ])
 def test_one_line_errors(eval_run, eval_data, tmp_path, argv, expected):
     subst = {"RUN": eval_run, "DATA": eval_data, "EMPTY": tmp_path}
+    if "VAE" in argv:  # the run's checkpoint relabelled as a VAE ablation's: its energy is untrained
+        ckpt = Checkpoint.load(eval_run / "checkpoint-000000000096.pt")
+        config = json.loads(json.dumps(ckpt.config))
+        config["objective"]["kind"] = "vae"
+        subst["VAE"] = dataclasses.replace(ckpt, config=config).save(tmp_path / "checkpoint-000000000096.pt")
     args = [str(subst.get(a, a)) if not a.startswith("DATA/") else eval_data + a[4:] for a in argv[1:]]
     result = invoke(argv[0], args)
     assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output

@@ -24,6 +24,7 @@ import click
 import torch
 
 from triangle.datasets import DatasetError, MultiResolutionDataset
+from triangle.files import write_atomic
 from triangle.metrics.energy_landscape import (
     LandscapeConfig,
     LatentEnergy,
@@ -128,7 +129,7 @@ def main(checkpoint, prefix, starts, encoded, data, steps, lr, merge_rms, path_p
     record = {"checkpoint": str(loaded.path), "kimg": loaded.kimg, "resolution": res,
               "generator": "ema" if ema else "raw", "seconds": round(time.perf_counter() - t0, 1),
               **result.to_json()}
-    Path(f"{prefix}.json").write_text(json.dumps(record, indent=1))
+    write_atomic(f"{prefix}.json", lambda fh: fh.write(json.dumps(record, indent=1).encode()))
     click.echo(f"{loaded.path.name} ({res}x{res}): {z.shape[0]} starts -> {len(result.minima)} minima, "
                f"{len(result.basins)} basins (barrier threshold {result.barrier_threshold:.3g}), "
                f"energies {min(result.energies):.3g} .. {max(result.energies):.3g}; "
