@@ -1,19 +1,49 @@
 #!/usr/bin/env bash
-# The device check for a lent GPU (one run, ~8 minutes on an H100): copy its output into
+# The device check for a lent GPU (one call of ~9 minutes on an H100): copy its output into
 # bench/RESULTS.md with the card named.  Usage: bash bench/gpu.sh [OUT_DIR]
-#   1. one α+φ+θ iteration at 64² ... 1024² with the default widths, bf16 and fp32 (images/s,
-#      fraction of the matmul peak of that precision, peak memory per resolution) and the hours
-#      of the whole 4 -> 1024 schedule from those rates;
-#   2. a multi-stage smoke run of the real training loop (4 -> 64, bf16), its bench/loop.py table.
-# On the device machine lmdb and clean-fid are missing: carry their wheels (see the device
-# tool's README) and install them before running this.
-set -euo pipefail
+#   1. one α+φ+θ iteration at 4² ... 1024² with the default widths, bf16, at the schedule's
+#      per-GPU batch in its micro-batches (cuDNN benchmark mode, training's default), and the
+#      hours of the whole 4 -> 1024 schedule;
+#   2. the same with cuDNN's heuristics (--no-cudnn-benchmark), the baseline, 64² ... 1024²;
+#   3. train.py --dry-run at 1024² on the GPU: each phase's measured memory;
+#   4. the real training loop, 4 -> 128, bf16, default widths, bench/loop.py's table;
+#   5. the top operators by GPU time at 256² ... 1024² (torch.profiler);
+#   6. the generator and inference networks compiled (torch.compile), 256² ... 1024²;
+#   7. fp32 at 64² ... 1024².
+# Parts run in that order, each with its own log under OUT_DIR and a time limit: at most
+# GPU_PART_SECONDS (240), and never past GPU_TOTAL_SECONDS (540) since the start; the summary
+# of every part is printed last. On the device machine lmdb and clean-fid are missing: carry
+# their wheels (see the device tool's README) and install them before running this.
+set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-for precision in bf16 fp32; do
-  python bench/step.py --device cuda --min-res 4 --max-res 1024 --precision "$precision" \
-    --seconds 2 --no-strict --schedule 2>&1 | tee "$out/step-$precision.txt"
+part() {  # part NAME COMMAND...: run with a time limit, log to OUT/NAME.txt
+  local name=$1; shift
+  local left=$(( ${GPU_TOTAL_SECONDS:-540} - SECONDS - 15 ))
+  local limit=$(( left < ${GPU_PART_SECONDS:-240} ? left : ${GPU_PART_SECONDS:-240} ))
+  if (( limit < 20 )); then echo "== $name: skipped (no time left)"; return; fi
+  echo "== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "== $name: exit $?, $((SECONDS - start)) s"
+}
+step=(python bench/step.py --device cuda --seconds 2 --no-strict)
+part step-bf16 "${step[@]}" --precision bf16 --min-res 4 --max-res 1024 --schedule
+part step-bf16-heuristic "${step[@]}" --precision bf16 --min-res 64 --max-res 1024 --no-cudnn-benchmark
+python -c "from triangle.datasets import write_demo_lmdb; write_demo_lmdb('/tmp/demo1024.lmdb', count=64, max_resolution=1024)" \
+  && part dry-run-1024 python progressive/train.py --data /tmp/demo1024.lmdb --max-res 1024 \
+       --mixed-precision bf16 --dry-run
+python -c "from triangle.datasets import write_demo_lmdb; write_demo_lmdb('/tmp/demo128.lmdb', count=1000, max_resolution=128)" \
+  && part loop-bf16 python bench/loop.py --data /tmp/demo128.lmdb --max-res 128 --fade-kimg 2 \
+       --stable-kimg 2 --mixed-precision bf16 --num-workers 4 --seconds 1
+part profile-bf16 "${step[@]}" --precision bf16 --min-res 256 --max-res 1024 --seconds 1 --profile
+part step-bf16-compiled "${step[@]}" --precision bf16 --min-res 256 --max-res 1024 --compile
+part step-fp32 "${step[@]}" --precision fp32 --min-res 64 --max-res 1024
+echo; echo "==== summary"
+for f in step-bf16 step-bf16-heuristic step-bf16-compiled step-fp32; do
+  [[ -f "$out/$f.txt" ]] && { echo "-- $f"; grep -E "^ +[0-9]+ |^total|^device|^peak" "$out/$f.txt"; }
 done
-python bench/loop.py --max-res 64 --fade-kimg 2 --stable-kimg 2 --mixed-precision bf16 --latent-dim 512 \
-  --channel-base 16384 --channel-max 512 2>&1 | tail -n 12 | tee "$out/loop-bf16.txt"
+[[ -f "$out/dry-run-1024.txt" ]] && { echo "-- dry-run-1024"; grep -E "^ +[0-9]+ +(fade|stable)|GPU memory|Error" "$out/dry-run-1024.txt"; }
+[[ -f "$out/loop-bf16.txt" ]] && { echo "-- loop-bf16"; grep -E "^kimg|img/s" "$out/loop-bf16.txt" | tail -n 20; }
+true

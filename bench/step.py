@@ -1,15 +1,20 @@
 """Speed of one full α+φ+θ iteration, per resolution, against this machine's peak.
 
-    python bench/step.py [--max-res 64] [--device cpu|cuda] [--batch B] [--precision fp32|bf16]
-                         [--schedule]
+    python bench/step.py [--max-res 64] [--device cpu|cuda] [--batch B] [--batch-cap TABLE]
+                         [--precision fp32|bf16] [--compile] [--profile] [--schedule]
 
 For each resolution up to ``--max-res`` (stable stage), prints images/s of one iteration at the
-scheduled per-GPU batch (or ``--batch``), FLOPs per iteration (torch.utils.flop_counter, forward
+scheduled per-GPU batch (or ``--batch``), in the schedule's micro-batches (``--batch-cap``
+overrides the per-GPU cap table, e.g. an older one to compare), FLOPs per iteration (torch.utils.flop_counter, forward
 and backward), the achieved FLOP/s as a fraction of the dense matmul peak *in the precision it
 runs* (a large fp32 or bf16 matmul measured in the same run; a 3x3 convolution's rate is printed
 beside it), the peak memory of that resolution alone on a GPU, and the network passes per
 iteration (images through each network / batch), fused (default) and strict (Algorithm 1's
 order). The public reference code runs 3 generator, 4 inference and 3 energy passes.
+
+``--compile``: the generator and inference networks through ``torch.compile`` (the energy stays
+eager: R1's double backward does not go through compiled graphs). ``--profile``: after the
+timing, the operators that took the most device time over 3 iterations (torch.profiler).
 
 ``--schedule``: the hours of the whole 4 -> ``--max-res`` schedule (PGGAN's 600 kimg per fade
 and per stable phase) on one device, each phase at its resolution's measured images/s.
@@ -17,6 +22,7 @@ and per stable phase) on one device, each phase at its resolution's measured ima
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import click
@@ -27,6 +33,7 @@ from triangle.networks import NetworkConfig, Stage, build_network
 from triangle.progressive.objective import ObjectiveConfig
 from triangle.progressive.schedule import ScheduleConfig, batch_sizes, stage_table
 from triangle.progressive.step import TrainModels, TrainOptimizers, TriangleStep
+from triangle.progressive.train import parse_table
 
 
 def sync(device: torch.device) -> None:
@@ -79,7 +86,10 @@ class PassCounter:
 
 
 def measure(resolution: int, batch: int, net: NetworkConfig, objective: ObjectiveConfig,
-            device: torch.device, dtype: str, seconds: float) -> dict:
+            device: torch.device, dtype: str, seconds: float, micro_batches: int = 1,
+            compile_networks: bool = False, profile: bool = False) -> dict:
+    """One iteration's seconds, FLOPs and passes (and peak memory on a GPU) at ``batch`` images
+    in ``micro_batches``; ``profile``: also the top operators' table (``"profile"``)."""
     torch.manual_seed(0)
     stage = Stage(resolution, False)
     models = TrainModels(*(build_network(k, net, stage).to(device)
@@ -97,7 +107,8 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 
     def iteration():  # lazy R1 as in training: the penalty on one step in r1_interval
         with autocast:
-            step(models, opts, x, z, 1.0, regularize=steps[0] % objective.r1_interval == 0)
+            step(models, opts, x, z, 1.0, regularize=steps[0] % objective.r1_interval == 0,
+                 micro_batches=micro_batches)
         steps[0] += 1
 
     counter = PassCounter(models)
@@ -106,11 +117,30 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
     counter.remove()
     with FlopCounterMode(display=False) as flops:
         iteration()
+    if compile_networks:  # after the counts: the first timed call below compiles
+        torch.compiler.reset()
+        models.generator.compile()
+        models.inference.compile()
     seconds_per_iter = timed(iteration, device, seconds)
     out = {"seconds": seconds_per_iter, "flops": flops.get_total_flops(), "passes": passes}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        out["profile"] = profile_table(iteration, device)
     return out
+
+
+def profile_table(iteration, device: torch.device, rows: int = 15) -> str:
+    """The operators with the most self time on ``device`` over 3 calls of ``iteration``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            iteration()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 @click.command()
@@ -119,6 +149,8 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
               show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch", default=None, type=int, help="Batch size [the schedule's, per GPU].")
+@click.option("--batch-cap", default=None,
+              help="Per-GPU micro-batch cap, N or RES:N,... [the schedule's].")
 @click.option("--channel-max", default=None, type=int,
               help="Network width cap [512 on GPU (the default config), 256 on CPU].")
 @click.option("--latent-dim", default=512, show_default=True)
@@ -126,44 +158,62 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="Also time Algorithm 1's strict order, for the ratio.")
 @click.option("--seconds", default=3.0, show_default=True, help="Minimum timing per figure.")
+@click.option("--compile", "compile_networks", is_flag=True,
+              help="torch.compile the generator and inference networks.")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=True, show_default=True,
+              help="cuDNN's timed choice of convolution algorithms (training's default).")
+@click.option("--profile", is_flag=True, help="Print the top operators of each resolution.")
 @click.option("--schedule", "schedule_hours", is_flag=True,
               help="Also the hours of the whole 4 -> --max-res schedule from these rates.")
-def main(max_res, min_res, device, batch, channel_max, latent_dim, precision, strict, seconds,
-         schedule_hours):
+def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, precision, strict,
+         seconds, compile_networks, cudnn_benchmark, profile, schedule_hours):
     dev = torch.device(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     max_res = max_res or (1024 if dev.type == "cuda" else 64)
     channel_max = channel_max or (512 if dev.type == "cuda" else 256)
     net = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max)
     schedule_cfg = ScheduleConfig(max_resolution=max_res)
+    cap = parse_table(batch_cap, "--batch-cap")
+    if cap is not None:
+        cap = schedule_cfg.per_gpu_batch_cap | (cap if isinstance(cap, dict) else
+                                                dict.fromkeys(schedule_cfg.per_gpu_batch_cap, cap))
+        schedule_cfg = dataclasses.replace(schedule_cfg, per_gpu_batch_cap=cap)
     matmul, conv = machine_peak(dev, seconds, precision)
     peak = matmul
     name = torch.cuda.get_device_name() if dev.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     click.echo(f"device: {name}; torch {torch.__version__}; {precision}; widths: "
-               f"channel_max {channel_max}, latent {latent_dim}")
+               f"channel_max {channel_max}, latent {latent_dim}"
+               + ("; generator and inference compiled" if compile_networks else "")
+               + ("" if cudnn_benchmark or dev.type != "cuda" else "; cuDNN benchmark off"))
     click.echo(f"peak: {precision} matmul {matmul / 1e9:.1f} GFLOP/s (the 'of peak' column); "
                f"fp32 3x3 conv {conv / 1e9:.1f} GFLOP/s")
-    click.echo(f"{'res':>5} {'batch':>5} {'img/s':>9} {'GFLOP/it':>10} {'GFLOP/s':>9} "
+    click.echo(f"{'res':>5} {'batch':>7} {'img/s':>9} {'GFLOP/it':>10} {'GFLOP/s':>9} "
                f"{'of peak':>7} {'passes G/I/E':>13} | {'strict img/s':>12} {'passes':>9} "
                f"{'fused/strict':>12}")
     res, rates = min_res, {}
     while res <= max_res:
-        b = batch or batch_sizes(schedule_cfg, res).micro_batch
-        fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds)
+        sizes = batch_sizes(schedule_cfg, res)
+        b, k = (batch, 1) if batch else (sizes.per_gpu_batch, sizes.accumulation)
+        fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds, micro_batches=k,
+                        compile_networks=compile_networks, profile=profile)
         rates[res] = b / fused["seconds"]
         rate = fused["flops"] / fused["seconds"]
         p = fused["passes"]
-        line = (f"{res:>5} {b:>5} {b / fused['seconds']:>9.1f} {fused['flops'] / 1e9:>10.1f} "
+        shown = f"{b}" if k == 1 else f"{b // k}x{k}"
+        line = (f"{res:>5} {shown:>7} {b / fused['seconds']:>9.1f} {fused['flops'] / 1e9:>10.1f} "
                 f"{rate / 1e9:>9.1f} {rate / peak:>7.2f} "
                 f"{p['generator']:>4g}/{p['inference']:g}/{p['energy']:g}".ljust(66))
         if strict:
-            ref = measure(res, b, net, ObjectiveConfig(fused=False), dev, precision, seconds)
+            ref = measure(res, b // k, net, ObjectiveConfig(fused=False), dev, precision, seconds)
             q = ref["passes"]
-            line += (f" | {b / ref['seconds']:>12.1f} {q['generator']:>3g}/{q['inference']:g}/"
-                     f"{q['energy']:g} {ref['seconds'] / fused['seconds']:>12.2f}")
+            line += (f" | {b // k / ref['seconds']:>12.1f} {q['generator']:>3g}/{q['inference']:g}/"
+                     f"{q['energy']:g} {(b / fused['seconds']) / (b // k / ref['seconds']):>12.2f}")
         if "peak_mem_gib" in fused:
             line += f"  peak {fused['peak_mem_gib']:.1f} GiB"
         click.echo(line)
+        if profile:
+            click.echo(fused["profile"])
         res *= 2
     if schedule_hours:
         click.echo(format_schedule_hours(schedule_cfg, rates))

@@ -63,6 +63,16 @@ class TrainConfig:
     # Precision: 'bf16' autocast is what to use on GPUs; 'fp16' is refused (__post_init__).
     mixed_precision: str = "no"
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU tests of bit-exact resume)
+    # cuDNN tries its algorithms for each new convolution shape and keeps the fastest (a few
+    # seconds at each stage). Without it, on an H100 (bf16, default widths, R1 every step),
+    # cuDNN's heuristics ran 70-80% of an iteration's GPU time at 256²-1024² in non-tensor-core
+    # kernels (implicit_convolve_sgemm) or indexed ones at ~0.3 TFLOP/s (bench/RESULTS.md's
+    # profile). Off under ``deterministic``, whose algorithm choice must not depend on timing.
+    cudnn_benchmark: bool = True
+    # torch.compile the generator and the inference network at every stage (progressive/
+    # run_state.py's prepare). The energy stays eager: R1's gradient penalty needs a double
+    # backward, which compiled graphs do not support.
+    compile: bool = False
     # Reporting and checkpoints.
     tick_kimg: float = 4.0  # progress line, metrics.jsonl record and grids every tick
     checkpoint_kimg: float = 50.0  # checkpoint every this many kimg (and at every stage end)
@@ -204,6 +214,7 @@ def check_accumulation(cfg: TrainConfig, world_size: int) -> None:
 RUNTIME_FIELDS = frozenset({
     "run_dir", "tick_kimg", "checkpoint_kimg", "keep_checkpoints", "grid_samples",
     "grid_reconstructions", "tensorboard", "num_workers", "max_rollbacks", "finite_check_steps",
+    "compile", "cudnn_benchmark",
 })
 
 

@@ -45,7 +45,7 @@ def rebuild(state: RunState, stage: Stage, cfg: TrainConfig, accelerator: Accele
             if n in carried:
                 opt.state[p] = carried[n]
     moments.clear()
-    state.models, state.optimizers = prepare(accelerator, nets, opts)
+    state.models, state.optimizers = prepare(accelerator, nets, opts, cfg.compile)
     new_names = {n for n, _ in nets[0].named_parameters()} | {n for n, _ in nets[0].named_buffers()}
     copy_missing(state.ema, accelerator.unwrap_model(state.models.generator), new_names - old_names)
     del nets, opts

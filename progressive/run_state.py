@@ -82,10 +82,19 @@ def new_optimizers(cfg: TrainConfig, nets: list[nn.Module]) -> list[torch.optim.
     ]
 
 
-def prepare(accelerator: Accelerator, nets: list[nn.Module],
-            opts: list[torch.optim.Optimizer]) -> tuple[TrainModels, TrainOptimizers]:
+def prepare(accelerator: Accelerator, nets: list[nn.Module], opts: list[torch.optim.Optimizer],
+            compile_networks: bool = False) -> tuple[TrainModels, TrainOptimizers]:
+    """Accelerate's prepare of the three networks and their optimisers; ``compile_networks``
+    (``TrainConfig.compile``): the generator's and the inference network's calls go through
+    ``torch.compile`` (``nn.Module.compile``, so DDP and the unwrapped module both use it)."""
     prepared = accelerator.prepare(*nets, *opts)
-    return TrainModels(*prepared[:3]), TrainOptimizers(*prepared[3:])
+    models = TrainModels(*prepared[:3])
+    if compile_networks:
+        torch.compiler.reset()  # the last stage's graphs: they would count against the
+        # recompile limit of forward()'s code, shared by every stage's modules
+        for model in (models.generator, models.inference):
+            accelerator.unwrap_model(model).compile()
+    return models, TrainOptimizers(*prepared[3:])
 
 
 def new_run_state(cfg: TrainConfig, accelerator: Accelerator) -> RunState:
@@ -93,7 +102,7 @@ def new_run_state(cfg: TrainConfig, accelerator: Accelerator) -> RunState:
     stage = Stage(4, False)
     nets = [n.to(accelerator.device) for n in build_networks(cfg, stage)]
     ema = copy.deepcopy(nets[0]).eval().requires_grad_(False)
-    models, optimizers = prepare(accelerator, nets, new_optimizers(cfg, nets))
+    models, optimizers = prepare(accelerator, nets, new_optimizers(cfg, nets), cfg.compile)
     latent_rng = torch.Generator().manual_seed(latent_seed(cfg.seed, accelerator.process_index))
     state = RunState(models, optimizers, ema, stage, latent_rng)
     check_ranks(state, accelerator, "start")
@@ -113,7 +122,7 @@ def restore_run_state(cfg: TrainConfig, accelerator: Accelerator, checkpoint: Ch
     opts = new_optimizers(cfg, nets)
     for kind, opt in zip(KINDS, opts, strict=True):
         opt.load_state_dict(checkpoint.optimizers[kind])
-    models, optimizers = prepare(accelerator, nets, opts)
+    models, optimizers = prepare(accelerator, nets, opts, cfg.compile)
     state = RunState(models, optimizers, ema, checkpoint.stage, torch.Generator(),
                      images_seen=checkpoint.images_seen, step=checkpoint.step,
                      lr_scale=checkpoint.lr_scale, rollbacks=checkpoint.rollbacks,

@@ -28,12 +28,12 @@ DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512:
 # The largest micro-batch one GPU runs at once; a rank's share of the global batch above it is
 # split into micro-batches whose gradients are accumulated (gradient accumulation), so the
 # global batch is the table's on any number of GPUs. Measured on an H100 (bf16, default widths,
-# bench/RESULTS.md): peak memory 8.4 GiB at 128² x 32, 8.7 at 256² x 16, 9.0 at 512² x 8, 9.3 at
-# 1024² x 4, i.e. about 2 GiB per image at 1024²; these caps extrapolate to about 19 GiB per
-# bf16 step (not yet measured at these sizes): one 80 GB card runs the table's batch at once up
-# to 512², and at 1024² in two micro-batches of 8.
+# R1 every step, bench/RESULTS.md): peak memory 11.2 GiB at 128² x 32, 23.8 at 256² x 32, 24.4
+# at 512² x 16, 17.8 at 1024² x 8 (2.1 GiB per image); so 1024² x 16 needs about 35 GiB (not yet
+# measured): one 80 GB card runs the table's batch at once at every resolution. Cards with
+# less memory: --gpu-batch-cap, and --dry-run on the GPU prints each phase's measured peak.
 DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16,
-                       1024: 8}
+                       1024: 16}
 
 
 def _int_keys(mapping: dict[Any, int]) -> dict[int, int]:
@@ -249,14 +249,23 @@ def stage_table(cfg: ScheduleConfig, world_size: int = 1) -> list[dict[str, Any]
     return rows
 
 
-def format_stage_table(rows: list[dict[str, Any]]) -> str:
-    """The stage table as aligned text."""
+def format_stage_table(rows: list[dict[str, Any]],
+                       memory: dict[tuple[int, bool], float | None] | None = None) -> str:
+    """The stage table as aligned text; ``memory`` (``progressive/memory.py``'s peak GiB per
+    (resolution, fading): ``inf`` out of memory, None not measured) adds a column."""
     header = (f"{'resolution':>10} {'phase':>6} {'kimg':>19} {'batch':>6} {'per GPU':>7} "
               f"{'micro x accumulation':>20} {'steps':>8}")
+    if memory is not None:
+        header += f" {'GPU memory':>10}"
     lines = [header]
     for r in rows:
         kimg = f"{r['start_kimg']:g}-{r['end_kimg']:g}"
         micro = f"{r['micro_batch']} x {r['accumulation']}"
-        lines.append(f"{r['resolution']:>10} {r['phase']:>6} {kimg:>19} {r['global_batch']:>6} "
-                     f"{r['per_gpu_batch']:>7} {micro:>20} {r['steps']:>8}")
+        line = (f"{r['resolution']:>10} {r['phase']:>6} {kimg:>19} {r['global_batch']:>6} "
+                f"{r['per_gpu_batch']:>7} {micro:>20} {r['steps']:>8}")
+        if memory is not None:
+            gib = memory.get((r["resolution"], r["phase"] == "fade"))
+            text = "-" if gib is None else "OOM" if math.isinf(gib) else f"{gib:.1f} GiB"
+            line += f" {text:>10}"
+        lines.append(line)
     return "\n".join(lines)

@@ -102,7 +102,7 @@ class TriangleStep:
         self._steps = 0
 
     def __call__(self, models: TrainModels, optimizers: TrainOptimizers, x_real: Tensor,
-                 z: Tensor, fade_alpha: float, accelerator: Any = None, *,
+                 z: Tensor, fade_alpha: float | Tensor, accelerator: Any = None, *,
                  regularize: bool = True, micro_batches: int = 1) -> dict[str, Tensor]:
         deferred = self._defer if self.defer_checks else None
         self._steps += 1
@@ -143,7 +143,7 @@ class _Runner:
     """The state of one iteration: which calls go through the wrapped networks."""
 
     def __init__(self, cfg: ObjectiveConfig, models: TrainModels, optimizers: TrainOptimizers,
-                 fade_alpha: float, accelerator: Any, regularize: bool = True,
+                 fade_alpha: float | Tensor, accelerator: Any, regularize: bool = True,
                  deferred: Any = None):
         self.cfg, self.terms = cfg, cfg.terms
         self.deferred = deferred  # where a deferred check goes (TriangleStep._defer), or None

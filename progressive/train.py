@@ -43,6 +43,7 @@ from triangle.progressive.config import (
     unflatten,
 )
 from triangle.progressive.objective import KL_REDUCTIONS, TERMS
+from triangle.progressive.memory import stage_memory
 from triangle.progressive.preemption import PREEMPTED_EXIT_CODE, Preempted
 from triangle.progressive.schedule import format_stage_table, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
@@ -244,6 +245,10 @@ SETTINGS = [
     Setting("finite_check_steps", "Read the losses' finiteness back every N steps (and before "
             "every report and checkpoint); 1 = before every optimiser step"),
     Setting("deterministic", "torch.use_deterministic_algorithms (bit-exact resume on CPU)"),
+    Setting("cudnn_benchmark", "Let cuDNN time its algorithms for each convolution shape and "
+            "keep the fastest (GPU; off with --deterministic)"),
+    Setting("compile", "torch.compile the generator and inference networks (the energy stays "
+            "eager: R1 needs a double backward)"),
     Setting("tensorboard", "Also log to TensorBoard (needs the tensorboard package)"),
 ]
 
@@ -300,7 +305,8 @@ def sample_scorer(cfg: TrainConfig):
 OPTIONS = [
     *(setting.option() for setting in SETTINGS),
     click.option("--allow-config-change", is_flag=True, help="Resume a run whose checkpoint has other settings (never other network shapes)"),
-    click.option("--dry-run", is_flag=True, help="Print the configuration and the stage table, then exit"),
+    click.option("--dry-run", is_flag=True, help="Print the configuration and the stage table (on a GPU "
+                 "with each phase's measured memory), then exit"),
     # Hidden test hooks (not part of the run's configuration).
     click.option("--debug-nan-at-kimg", type=float, hidden=True),
     click.option("--debug-nan-rank", type=int, hidden=True),
@@ -353,7 +359,15 @@ def main(**o) -> None:
                   if meta else f"built-in demo ({cfg.demo_count} images, rendered into the run dir)")
         click.echo(cfg.to_json())
         click.echo(f"\ndata: {source}\nrun dir: {cfg.run_dir}\nprocesses: {world}\n")
-        click.echo(format_stage_table(stage_table(cfg.schedule, world)))
+        rows = stage_table(cfg.schedule, world)
+        memory = None
+        if torch.cuda.is_available():
+            phases = list(dict.fromkeys((r["resolution"], r["phase"] == "fade") for r in rows))
+            memory = stage_memory(cfg, world, torch.device("cuda"), phases)
+        click.echo(format_stage_table(rows, memory))
+        if memory is not None:
+            click.echo("GPU memory: the peak of one iteration with R1 on random data, measured "
+                       f"on {torch.cuda.get_device_name()}; OOM: lower --gpu-batch-cap there")
         return
     try:
         training_loop(cfg, allow_config_change=allow_change, debug=debug,

@@ -74,6 +74,7 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     set_seed(cfg.seed, device_specific=True)  # the global generators differ per rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
     check_accumulation(cfg, accelerator.num_processes)
     step_fn = TriangleStep(cfg.objective, defer_checks=cfg.finite_check_steps > 1)
     console = open_run_dir(Path(cfg.run_dir), accelerator.is_main_process)
@@ -204,7 +205,10 @@ def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: Tria
     for name, optimizer in state.optimizers._asdict().items():
         for group in optimizer.param_groups:
             group["lr"] = getattr(lrs, name)
-    metrics = step_fn(state.models, state.optimizers, x, z.to(accelerator.device), st.fade_alpha,
+    # Compiled networks take the fade level as a tensor: a new python float would recompile.
+    fade_alpha = (torch.tensor(st.fade_alpha, device=accelerator.device) if cfg.compile
+                  else st.fade_alpha)
+    metrics = step_fn(state.models, state.optimizers, x, z.to(accelerator.device), fade_alpha,
                       accelerator, regularize=state.step % cfg.objective.r1_interval == 0,
                       micro_batches=st.accumulation)
     beta = ema_beta(st.global_batch, state.images_seen, cfg.ema_kimg, cfg.ema_rampup)

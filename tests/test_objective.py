@@ -427,3 +427,30 @@ def test_level_anchor_keeps_f_near_zero_where_it_drifts_without():
     assert _midpoint_drift(0.0) > 30
     assert _midpoint_drift(ObjectiveConfig().w_level) < 20
     assert _midpoint_drift(0.1) < 10
+
+
+@pytest.mark.slow  # compiling takes ~1 minute on a CPU
+def test_compiled_generator_and_inference_give_the_eager_step():
+    """``TrainConfig.compile``: the generator and inference networks through torch.compile,
+    the fade level a tensor (as the training loop passes it), at a fading stage, over two steps
+    with two fade levels: every network's gradient equals the eager step's (to float
+    tolerance: the compiled kernels sum in another order)."""
+    cfg = ObjectiveConfig(w_r1=0.1)
+    x, z = toy_images(6, 3), torch.randn(6, 4)
+    results = []
+    for compiled in (False, True):
+        models, opts = make(stage=Stage(8, True))
+        if compiled:
+            torch.compiler.reset()
+            models.generator.compile()
+            models.inference.compile()
+        step = TriangleStep(cfg)
+        for alpha in (0.25, 0.5):
+            torch.manual_seed(7)  # the posterior noise
+            step(models, opts, x, z, torch.tensor(alpha) if compiled else alpha)
+        results.append([grads(m) for m in models])
+    torch.compiler.reset()
+    for want, got in zip(*results):
+        for n in want:
+            atol = max(1e-6, 1e-4 * float(want[n].abs().max()))
+            torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=atol, msg=n)
