@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import torch
 
+from triangle.progressive.config import resolve_precision
 from triangle.progressive.train import build_config, sample_scorer
 from triangle.progressive.train import main as train_command
 from triangle.progressive.training_loop import training_loop
@@ -84,7 +85,8 @@ def main(ctx: click.Context, seconds: float) -> None:
         key = (row["resolution"], row["per_gpu_batch"])
         if key not in bare:
             t = measure(row["resolution"], row["per_gpu_batch"], cfg.network, cfg.objective, device,
-                        "bf16" if cfg.mixed_precision == "bf16" else "fp32", seconds)["seconds"]
+                        "bf16" if resolve_precision(cfg.mixed_precision, device) == "bf16" else "fp32",
+                        seconds)["seconds"]
             bare[key] = row["per_gpu_batch"] / t
     mem = "CUDA peak MiB" if device.type == "cuda" else "RSS MiB"
     print(f"device {device}, {torch.get_num_threads()} threads; network {cfg.network.to_dict()}")

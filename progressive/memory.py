@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..networks import Stage
-from .config import TrainConfig
+from .config import TrainConfig, resolve_precision
 from .run_state import build_networks, new_optimizers
 from .schedule import batch_sizes
 from .step import TrainModels, TrainOptimizers, TriangleStep
@@ -54,7 +54,8 @@ def _one_iteration(cfg: TrainConfig, world_size: int, device: torch.device,
     x = torch.rand(sizes.per_gpu_batch, 3, stage.resolution, stage.resolution, device=device)
     z = torch.randn(sizes.per_gpu_batch, cfg.network.latent_dim, device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if cfg.mixed_precision == "bf16" else contextlib.nullcontext())
+                if resolve_precision(cfg.mixed_precision, device) == "bf16"
+                else contextlib.nullcontext())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

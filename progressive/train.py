@@ -42,8 +42,8 @@ from triangle.progressive.config import (
     flatten,
     unflatten,
 )
-from triangle.progressive.objective import KL_REDUCTIONS, TERMS
 from triangle.progressive.memory import stage_memory
+from triangle.progressive.objective import KL_REDUCTIONS, TERMS
 from triangle.progressive.preemption import PREEMPTED_EXIT_CODE, Preempted
 from triangle.progressive.schedule import format_stage_table, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
@@ -223,7 +223,8 @@ SETTINGS = [
     Setting("network.normalize_latent", "Pixel-normalise z at the generator's input (PGGAN)"),
     Setting("network.pixel_norm", "Pixel-normalise the generator's features after every conv (PGGAN)"),
     Setting("mixed_precision",
-            "Mixed precision (bf16 recommended on GPUs; overrides the launcher's)",
+            "Mixed precision (bf16 recommended on GPUs; auto = bf16 where the device computes it "
+            "natively, else fp32; overrides the launcher's)",
             type=click.Choice(PRECISIONS), old=("--precision",)),
     Setting("ema_kimg", "Half-life of the generator's EMA in kimg"),
     Setting("adam_beta1", "Adam's beta1 of all three networks"),

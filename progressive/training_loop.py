@@ -31,11 +31,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 
 from ..networks import fade_images
 from .checkpoint import Checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints
-from .config import TrainConfig, UserError, check_accumulation, check_resume_compatible
+from .config import (
+    TrainConfig,
+    UserError,
+    check_accumulation,
+    check_resume_compatible,
+    resolve_precision,
+)
 from .data import check_same_data, open_training_data, prepare_data, training_batches
 from .divergence import DivergenceError, divergence_message, may_roll_back, roll_back
 from .ema import ema_beta, update_ema
@@ -68,7 +74,10 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     the fixed-z EMA samples at every tick (``reporter.SampleScorer``). Demo runs pass the demo
     feature network's (``progressive/train.py``'s ``sample_scorer``)."""
     # -- setup --------------------------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # The device Accelerate is about to pick ('auto' precision depends on it).
+    device = torch.device("cuda" if torch.cuda.is_available()
+                          and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu")
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, device),
                               log_with="tensorboard" if cfg.tensorboard else None,
                               project_dir=cfg.run_dir)
     set_seed(cfg.seed, device_specific=True)  # the global generators differ per rank
@@ -164,7 +173,8 @@ def _start(cfg: TrainConfig, accelerator: Accelerator, console: Console,
         state = new_run_state(cfg, accelerator)
         console.print(f"new run in {run_dir}: {total / 1000:g} kimg to "
                       f"{cfg.max_resolution}x{cfg.max_resolution}, "
-                      f"{world} process(es), device {accelerator.device}")
+                      f"{world} process(es), device {accelerator.device}, "
+                      f"{_precision_name(accelerator)}")
         return state
     checkpoint = Checkpoint.load(found)
     accepted = check_resume_compatible(checkpoint.config, cfg, allow_config_change, found)
@@ -183,6 +193,10 @@ def _start(cfg: TrainConfig, accelerator: Accelerator, console: Console,
     console.print(f"resumed from {found} at kimg {state.images_seen / 1000:g}, "
                   f"stage {stage_label(state.stage.resolution, state.stage.fading)}")
     return state
+
+
+def _precision_name(accelerator: Accelerator) -> str:
+    return "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp32"
 
 
 def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: TriangleStep,

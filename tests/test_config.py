@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from triangle.datasets import write_demo_lmdb
@@ -14,8 +15,10 @@ from triangle.progressive.config import (
     UserError,
     check_resume_compatible,
     config_differences,
+    cpu_flags,
     demo_config,
     flatten,
+    resolve_precision,
 )
 from triangle.progressive.train import FIXED_FIELDS, SETTINGS, build_config, main
 
@@ -208,3 +211,20 @@ def test_fp16_is_refused_with_one_line():
     result = invoke("--mixed-precision", "fp16", "--dry-run")
     assert result.exit_code == 2
     assert "fp16 is not supported" in result.output and "use bf16" in result.output
+
+
+X86_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+X86_OLD = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+ARM_V86 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_computes_it_natively():
+    assert {"avx512_bf16", "avx2"} <= cpu_flags(X86_ZEN4) and "bf16" in cpu_flags(ARM_V86)
+    cpu = torch.device("cpu")
+    for text, want in ((X86_ZEN4, "bf16"), (ARM_V86, "bf16"), (X86_OLD, "no"), ("", "no")):
+        flags = cpu_flags(text)
+        assert resolve_precision("auto", cpu, flags) == want, text
+        assert resolve_precision("no", cpu, flags) == "no"
+        assert resolve_precision("bf16", cpu, flags) == "bf16"
+    assert resolve_precision("auto", torch.device("meta")) == "no"
+    assert resolve_precision("auto", cpu) in ("bf16", "no")  # this machine's /proc/cpuinfo

@@ -29,6 +29,7 @@ from PIL import Image
 from triangle.datasets import write_demo_lmdb
 from triangle.networks import Stage
 from triangle.progressive.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+from triangle.progressive.config import resolve_precision
 from triangle.progressive.preemption import CHECK_EVERY_STEPS, PREEMPTED_EXIT_CODE
 from triangle.progressive.schedule import ScheduleConfig, phase_boundaries, stage_table
 from triangle.progressive.train import main
@@ -38,6 +39,7 @@ TRAIN = str(REPO / "progressive" / "train.py")
 KIMG = "0.064"  # 4 steps of 16 images per phase
 TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
         "--fade-kimg", KIMG, "--stable-kimg", KIMG, "--tick-kimg", "0.032", "--checkpoint-kimg", "0.048",
+        "--mixed-precision", "no",  # fp32 whatever the CPU: tests compare weights to 1e-5
         "--num-workers", "0", "--grid-samples", "16", "--max-res", "16", "--deterministic"]
 TOTAL = 5 * 64  # 4x4, 8 fade, 8 stable, 16 fade, 16 stable
 
@@ -626,11 +628,20 @@ def test_every_ablation_trains_through_the_loop(data, tmp_path, objective):
 
 
 def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
-    """Without --data: the built-in demo, scored every tick by its own feature network."""
-    args = [a for a in TINY if a != "--deterministic"] + ["--total-kimg", str(TOTAL / 1000)]
-    result = run_cli(["--run-dir", str(tmp_path / "demo"), *args])
-    assert result.exit_code == 0, result.output
-    line = next(x for x in result.output.splitlines() if x.startswith("sample quality:"))
+    """Without --data: the built-in demo, scored every tick by its own feature network, in the
+    demo's precision ('auto': bf16 autocast where this CPU computes bf16 natively)."""
+    precision = TINY.index("--mixed-precision")
+    args = [a for a in TINY[:precision] + TINY[precision + 2:] if a != "--deterministic"]
+    # A process of its own: Accelerate's precision is fixed for a process (the other tests: fp32).
+    result = subprocess.run([sys.executable, TRAIN, "--run-dir", str(tmp_path / "demo"), *args,
+                             "--total-kimg", str(TOTAL / 1000)],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout.splitlines()
+    native = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert ("bf16 autocast" if native else "fp32") in output[0]
+    line = next(x for x in output if x.startswith("sample quality:"))
     assert "demo FD" in line and "floor" in line and "noise" in line and "shapes recognised" in line
     metrics = jsonl(tmp_path / "demo" / "metrics.jsonl")
     for m in metrics:
