@@ -102,8 +102,9 @@ def downsample(x: Tensor) -> Tensor:
 def blend(old: Tensor, new: Tensor, alpha: float | Tensor) -> Tensor:
     """``(1 - alpha)·old + alpha·new``: exactly ``old`` at alpha 0 and exactly ``new`` at alpha 1.
 
-    (``torch.lerp`` would round ``new`` at alpha 1.) ``alpha``: a python float or a 0-d tensor;
-    under torch.compile pass a 0-d tensor, or each new python float may be a recompile.
+    (``torch.lerp`` would round ``new`` at alpha 1.) ``alpha``: a python float or a 0-d tensor
+    (what the trainer passes to compiled networks: torch versions that specialise on python
+    floats would recompile for each new alpha).
     """
     return old * (1.0 - alpha) + new * alpha
 

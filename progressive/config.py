@@ -40,13 +40,14 @@ class UserError(Exception):
 def resolve_precision(precision: str, device: torch.device,
                       flags: set[str] | None = None) -> str:
     """``mixed_precision`` as Accelerate takes it: ``"auto"`` is ``"bf16"`` where ``device``
-    computes bf16 natively (a GPU that supports it; a CPU with AVX512-BF16, AMX or Arm BF16
-    instructions among ``flags``, by default this CPU's ``cpu_flags()``), else ``"no"``; other
-    values are themselves."""
+    computes bf16 natively (a GPU of compute capability 8 or more; a CPU with AVX512-BF16, AMX
+    or Arm BF16 instructions among ``flags``, by default this CPU's ``cpu_flags()``), else
+    ``"no"``; other values are themselves. 'auto' is a property of the machine: a run resumed on
+    another may change precision (the resume line says which it runs in)."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # Ampere or newer (the properties, not a context, are read)
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
     else:
         flags = cpu_flags() if flags is None else flags
         native = device.type == "cpu" and bool(NATIVE_BF16_CPU_FLAGS & flags)
@@ -260,6 +261,8 @@ RUNTIME_FIELDS = frozenset({
     "run_dir", "tick_kimg", "checkpoint_kimg", "keep_checkpoints", "grid_samples",
     "grid_reconstructions", "tensorboard", "num_workers", "max_rollbacks", "finite_check_steps",
     "compile", "cudnn_benchmark",
+    # how a GPU's share is cut into micro-batches: the card's memory, not the experiment
+    "schedule.per_gpu_batch_cap",
 })
 
 

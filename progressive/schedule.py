@@ -252,7 +252,8 @@ def stage_table(cfg: ScheduleConfig, world_size: int = 1) -> list[dict[str, Any]
 def format_stage_table(rows: list[dict[str, Any]],
                        memory: dict[tuple[int, bool], float | None] | None = None) -> str:
     """The stage table as aligned text; ``memory`` (``progressive/memory.py``'s peak GiB per
-    (resolution, fading): ``inf`` out of memory, None not measured) adds a column."""
+    (resolution, fading): ``inf`` out of memory, ``nan`` failed, None not measured) adds a
+    column."""
     header = (f"{'resolution':>10} {'phase':>6} {'kimg':>19} {'batch':>6} {'per GPU':>7} "
               f"{'micro x accumulation':>20} {'steps':>8}")
     if memory is not None:
@@ -265,7 +266,8 @@ def format_stage_table(rows: list[dict[str, Any]],
                 f"{r['per_gpu_batch']:>7} {micro:>20} {r['steps']:>8}")
         if memory is not None:
             gib = memory.get((r["resolution"], r["phase"] == "fade"))
-            text = "-" if gib is None else "OOM" if math.isinf(gib) else f"{gib:.1f} GiB"
+            text = ("-" if gib is None else "OOM" if math.isinf(gib) else "failed"
+                    if math.isnan(gib) else f"{gib:.1f} GiB")
             line += f" {text:>10}"
         lines.append(line)
     return "\n".join(lines)

@@ -40,6 +40,7 @@ from triangle.progressive.config import (
     check_accumulation,
     demo_config,
     flatten,
+    resolve_precision,
     unflatten,
 )
 from triangle.progressive.memory import stage_memory
@@ -369,6 +370,9 @@ def main(**o) -> None:
         if memory is not None:
             click.echo("GPU memory: the peak of one iteration with R1 on random data, measured "
                        f"on {torch.cuda.get_device_name()}; OOM: lower --gpu-batch-cap there")
+        precision = resolve_precision(cfg.mixed_precision, torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"))
+        click.echo(f"precision here: {'bf16 autocast' if precision == 'bf16' else 'fp32'}")
         return
     try:
         training_loop(cfg, allow_config_change=allow_change, debug=debug,

@@ -25,6 +25,7 @@ per-tick sample-quality score comes in as ``sample_scorer`` (``progressive/train
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,10 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     the fixed-z EMA samples at every tick (``reporter.SampleScorer``). Demo runs pass the demo
     feature network's (``progressive/train.py``'s ``sample_scorer``)."""
     # -- setup --------------------------------------------------------------------------------
-    # The device Accelerate is about to pick ('auto' precision depends on it).
-    device = torch.device("cuda" if torch.cuda.is_available()
-                          and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu")
+    # The device Accelerate is about to pick ('auto' precision depends on it): this rank's GPU.
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+              else torch.device("cpu"))
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision, device),
                               log_with="tensorboard" if cfg.tensorboard else None,
                               project_dir=cfg.run_dir)
@@ -100,6 +102,7 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
     tick, snap = round(cfg.tick_kimg * 1000), round(cfg.checkpoint_kimg * 1000)
     last_checkpoint = state.images_seen
     nan_pending = debug.nan_at_kimg is not None and debug.nan_rank in (None, accelerator.process_index)
+    alpha_buffer = torch.zeros((), device=accelerator.device) if cfg.compile else None
     reporter.new_tick(state.images_seen)
 
     with PreemptionWatch(accelerator) as preemption:
@@ -123,7 +126,8 @@ def training_loop(cfg: TrainConfig, *, allow_config_change: bool = False,
             nan_pending = nan_pending and not poison
             verify = _verify_due(state, st, cfg, accelerator.num_processes, (tick, snap))
             try:
-                metrics, lrs = _step(state, st, next(batches), step_fn, cfg, accelerator, poison)
+                metrics, lrs = _step(state, st, next(batches), step_fn, cfg, accelerator, poison,
+                                     alpha_buffer)
                 if verify:  # before anything below reports, saves or rebuilds this step
                     step_fn.verify(accelerator)
             except NonFiniteLossError as exc:
@@ -191,7 +195,8 @@ def _start(cfg: TrainConfig, accelerator: Accelerator, console: Console,
     for line in accepted:
         console.print(f"config change accepted: {line}")
     console.print(f"resumed from {found} at kimg {state.images_seen / 1000:g}, "
-                  f"stage {stage_label(state.stage.resolution, state.stage.fading)}")
+                  f"stage {stage_label(state.stage.resolution, state.stage.fading)}, "
+                  f"{_precision_name(accelerator)}")
     return state
 
 
@@ -200,11 +205,13 @@ def _precision_name(accelerator: Accelerator) -> str:
 
 
 def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: TriangleStep,
-          cfg: TrainConfig, accelerator: Accelerator,
-          poison: bool) -> tuple[dict[str, torch.Tensor], LearningRates]:
+          cfg: TrainConfig, accelerator: Accelerator, poison: bool,
+          alpha_buffer: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], LearningRates]:
     """One α, φ, θ iteration on this rank's uint8 ``batch``, then the EMA update and the
     counters; returns the step's metrics and the learning rates it used. ``poison``: a NaN in the
-    batch (``DebugOptions.nan_at_kimg``)."""
+    batch (``DebugOptions.nan_at_kimg``). ``alpha_buffer``: a 0-d device tensor that carries the
+    fade level to compiled networks (a tensor, so that no torch version recompiles for each new
+    alpha; filled in place, as a new tensor made from a python float would wait for the GPU)."""
     r = st.resolution
     if tuple(batch.shape) != (st.per_gpu_batch, 3, r, r):
         raise RuntimeError(f"data batch {tuple(batch.shape)} does not match the schedule "
@@ -219,9 +226,7 @@ def _step(state: RunState, st: ScheduleState, batch: torch.Tensor, step_fn: Tria
     for name, optimizer in state.optimizers._asdict().items():
         for group in optimizer.param_groups:
             group["lr"] = getattr(lrs, name)
-    # Compiled networks take the fade level as a tensor: a new python float would recompile.
-    fade_alpha = (torch.tensor(st.fade_alpha, device=accelerator.device) if cfg.compile
-                  else st.fade_alpha)
+    fade_alpha = st.fade_alpha if alpha_buffer is None else alpha_buffer.fill_(st.fade_alpha)
     metrics = step_fn(state.models, state.optimizers, x, z.to(accelerator.device), fade_alpha,
                       accelerator, regularize=state.step % cfg.objective.r1_interval == 0,
                       micro_batches=st.accumulation)

@@ -17,8 +17,8 @@ def tiny_config(cap: int):
     return cfg.replace(schedule=schedule)
 
 
-def test_every_phase_runs_one_step_in_its_micro_batches_and_a_cpu_measures_nothing():
-    cfg = tiny_config(cap=4)  # the demo's batch 16 in 4 micro-batches
+def test_every_phase_runs_and_a_cpu_measures_nothing():
+    cfg = tiny_config(cap=4)  # the demo's batch 16 in 4 micro-batches: the accumulated path
     rows = stage_table(cfg.schedule)
     assert {r["accumulation"] for r in rows} == {4}
     phases = [(r["resolution"], r["phase"] == "fade") for r in rows]
