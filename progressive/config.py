@@ -183,7 +183,7 @@ def demo_config() -> TrainConfig:
     64 channels and a 32-d latent, batch 16, bf16 autocast where the CPU has it, 10 kimg per
     phase up to the fade into 16x16, then a stable 16x16 phase to 120 kimg, the last 30 with the
     learning rates ramped down. Measured on an idle 2-core CPU (AVX512-BF16) with torch's CUDA
-    build: ~380 img/s at 16x16 (lazy R1), 4m20s-4m51s of training, 4m46s-5m18s from
+    build: ~370 img/s at 16x16 (lazy R1), 4m20s-4m51s of training, 4m46s-5m18s from
     `pip install -e .` in a fresh clone to its end.
     """
     return TrainConfig(
@@ -229,8 +229,8 @@ def demo_config() -> TrainConfig:
         run_dir="runs/demo-16-triangle",
         # bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX, Arm BF16; fp32
         # elsewhere, where bf16 would be emulated and slower). Measured on the 2-core EPYC
-        # (torch CUDA build): 16x16 at 370 images/s against 277 (2 threads), 326 against 208 (one
-        # iteration, bench/step.py, 1 thread); at 100 kimg the same quality (demo FD 105.6 vs
+        # (torch CUDA build): 16x16 at 371 images/s against 279 (bench/loop.py, 2 threads),
+        # 326 against 208 (one iteration, bench/step.py, 1 thread); at 100 kimg the same quality (demo FD 105.6 vs
         # 103.8, shapes 53% vs 49%, rec MSE 0.0120 vs 0.0114, seed 0), so the time saved buys
         # kimg (total_kimg above).
         mixed_precision="auto",

@@ -684,3 +684,17 @@ def test_a_compiled_run_grows_stops_resumes_and_trains_as_the_eager_run(data, tm
             scale = float(value.abs().max()) + 1e-6
             torch.testing.assert_close(got.models[kind][name], value, rtol=0, atol=2e-3 * scale,
                                        msg=f"{kind}.{name}")
+
+
+@pytest.mark.parametrize("flag, want", [([], True), (["--no-cudnn-benchmark"], False),
+                                        (["--deterministic"], False)])
+def test_cudnn_benchmark_mode_follows_its_setting_and_deterministic_turns_it_off(
+        data, tmp_path, flag, want):
+    args = [a for a in TINY if a != "--deterministic"][:-2] + ["--max-res", "4", *flag]
+    torch.backends.cudnn.benchmark = not want
+    try:
+        result = run_cli(["--data", data, "--run-dir", str(tmp_path / "r"), *args])
+        assert result.exit_code == 0, result.output
+        assert torch.backends.cudnn.benchmark is want
+    finally:
+        torch.backends.cudnn.benchmark = False
