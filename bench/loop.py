@@ -75,7 +75,7 @@ def main(ctx: click.Context, seconds: float) -> None:
         for key in [k for k in params if k.startswith("debug_")] + ["dry_run", "allow_config_change"]:
             params.pop(key)
         cfg, _ = build_config(params)
-        if not any(a.startswith("--total-kimg") for a in args):  # not the demo's 120 kimg
+        if not any(a.startswith("--total-kimg") for a in args):  # not the demo's 160 kimg
             cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, total_kimg=None))
         training_loop(cfg, sample_scorer=sample_scorer(cfg))  # the demo's score, as in train.py
         rows = phase_rows(Path(cfg.run_dir))

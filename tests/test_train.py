@@ -652,7 +652,7 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
 
 def test_a_demo_run_stopped_and_rerun_gives_the_uninterrupted_weights(tmp_path):
     """The demo's scorer, built at every start and resume, must not move the run's random state."""
-    args = [*TINY, "--max-res", "8", "--total-kimg", str(3 * 64 / 1000)]  # the demo's is 120
+    args = [*TINY, "--max-res", "8", "--total-kimg", str(3 * 64 / 1000)]  # the demo's is 160
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(["--run-dir", str(full), *args]).exit_code == 0
     assert run_cli(["--run-dir", str(part), *args, "--debug-stop-at-kimg", "0.1"]).exit_code == 0
