@@ -1,4 +1,5 @@
-"""The stage scheduler: a pure function of images shown (PGGAN's TrainingSchedule)."""
+"""The stage scheduler: a pure function of images shown (PGGAN's TrainingSchedule), and the
+ETA it gives with measured speeds."""
 
 import dataclasses
 import json
@@ -6,6 +7,7 @@ import json
 import pytest
 
 from triangle.networks import Stage, stage_sequence
+from triangle.progressive.reporter import estimate_remaining_s
 from triangle.progressive.schedule import (
     ScheduleConfig,
     batch_sizes,
@@ -140,3 +142,18 @@ def test_ema_halves_its_distance_to_the_model_every_half_life():
         update_ema(ema, model, beta)
     assert torch.allclose(ema.weight, torch.full((3,), 0.5))  # parameters: half way after 640 images
     assert torch.equal(ema.running_mean, model.running_mean)  # buffers: copied
+
+
+def test_eta_uses_each_resolutions_measured_speed_and_extrapolates_with_the_fitted_exponent():
+    # CFG: 4² 0-1500, 8² 1500-4000, 16² 4000-6500, 32² 6500-9000 images (fade and stable).
+    # One resolution measured: p = 1.3.
+    assert estimate_remaining_s(CFG, 0, {4: 100.0}) == pytest.approx(
+        1500 / 100 + sum(2500 / (100 * (4 / r) ** 1.3) for r in (8, 16, 32)))
+    # 4² and 8² measured at 1000 and 500 images/s: p = 1, so 16² runs at 250 and 32² at 125.
+    assert estimate_remaining_s(CFG, 3000, {4: 1000.0, 8: 500.0}) == pytest.approx(
+        1000 / 500 + 2500 / 250 + 2500 / 125)
+    # A measured resolution uses its own speed, whatever the fit says.
+    assert estimate_remaining_s(CFG, 4000, {4: 1000.0, 8: 500.0, 16: 400.0}) == pytest.approx(
+        2500 / 400 + 2500 / (400 * (16 / 32) ** 0.5))  # p fitted 0.32, kept at 0.5
+    # A steep drop is kept at p = 2.
+    assert estimate_remaining_s(CFG, 6500, {8: 1000.0, 16: 10.0}) == pytest.approx(2500 / 2.5)
