@@ -190,7 +190,7 @@ def demo_config() -> TrainConfig:
         # Latent 32, not 64 (bf16, 120 kimg, seeds 0 and 1): held-out rec MSE 0.0108 -> 0.0099
         # and 0.0105 -> 0.0096, shapes 55% -> 58% and 56% -> 64%, demo FD 97 -> 86 and 89 -> 96.
         # 32 channels at 16x16 (channel_base 512; 64 below): the 16x16 stable phase runs at ~490
-        # img/s against ~340 (bench/loop.py), and the time buys kimg (total_kimg below).
+        # img/s against ~370 (the demo's progress lines), and the time buys kimg (total_kimg).
         # Measured in the same ~4m40s of training (bf16, seeds 0, 1, 2): 120 -> 160 kimg, demo
         # FD 86 / 96 / 96 -> 65 / 76 / 84, held-out rec MSE 0.0099 / 0.0096 / 0.0097 -> 0.0091 /
         # 0.0090 / 0.0094, shapes 58 / 64 / 59% -> 60 / 60 / 60%. 16 channels at 16x16

@@ -75,11 +75,11 @@ def estimate_remaining_s(cfg, images_seen: int, speeds: dict[int, float]) -> flo
 
     A phase at a measured resolution runs at its speed; one above the highest measured, r_hi,
     at ``speed(r_hi) · (r_hi / r)^p``, p fitted to the two highest measured resolutions and
-    kept within [0.5, 2] (1.3 until a second resolution is measured). Per image, the cost grows
-    more slowly than the pixel count at small resolutions, where fixed costs per step dominate
-    (the demo: about 1 from 4² to 16²), and about as fast at large ones (an H100, 512² to
-    1024²: 1.9; 4² to 1024²: 1.3). With p = 2 throughout, the demo's ETA read 20m at 4 kimg
-    and 9m49s at 12 kimg, with 4m35s and 4m30s to go; now 8m and 4m51s.
+    kept within [0.5, 2] (1.3, a middle value, until a second resolution is measured). Per
+    image, the cost grows more slowly than the pixel count at small resolutions, where fixed
+    costs per step dominate (the demo: 0.94 from 4² to 16²), and about as fast at large ones (an
+    H100, 512² to 1024²: 1.9, bench/RESULTS.md). With p = 2 throughout, the demo's ETA read 20m
+    at 4 kimg and 9m49s at 12 kimg, with 4m35s and 4m30s to go; now 8m and 4m51s.
     """
     measured = sorted(speeds)
     r_hi = measured[-1]
