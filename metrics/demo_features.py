@@ -498,14 +498,18 @@ def _recognised(probs: Tensor, confidence: float) -> float:
 
 @torch.no_grad()
 def shape_accuracy(net: DemoFeatureNet, resolution: int, count: int = 1000, *, seed: int = 0,
-                   first: int = 0, top: int = 64) -> float:
+                   first: int = 0, top: int = 64,
+                   transform: Callable[[Tensor], Tensor] | None = None) -> float:
     """Fraction of demo images ``first .. first + count - 1`` of ``seed`` (default: the demo
     dataset's own images, never trained on) whose shape ``net`` classifies right (argmax over
-    CLASSES: "none" counts as wrong)."""
+    CLASSES: "none" counts as wrong). ``transform`` maps each batch of images (B x 3 x R x R in
+    [-1, 1]) before it is classified, e.g. to a model's reconstructions of them."""
     indices = range(first, first + count)
     x = demo_images(indices, resolution, seed, top)
     truth = torch.tensor([demo_factors(i, seed)["shape"] for i in indices])
-    pred = torch.cat([net.eval()(b).shape_logits.argmax(1) for b in x.split(256)])
+    device = next(net.parameters()).device
+    pred = torch.cat([net.eval()((transform(b) if transform else b).to(device, torch.float32))
+                      .shape_logits.argmax(1).cpu() for b in x.split(256)])
     return float((pred == truth).float().mean())
 
 

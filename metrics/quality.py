@@ -8,7 +8,9 @@ models against the held-out split of its data, at the checkpoint's resolution:
   from a few hundred images); owes nothing to the demo renderer;
 * ``conv_fd``: the same in the features of ``RandomConvFeatures``, a fixed random conv net
   (not trained on anything, so not on the demo either);
-* on demo data, ``demo_fd`` and ``shapes_recognised`` (metrics/demo_features.py);
+* on demo data, ``demo_fd`` and ``shapes_recognised`` (metrics/demo_features.py), and
+  ``rec_shapes``: the fraction of fresh demo renders whose reconstruction keeps its shape
+  (the demo classifier names the rendered one);
 * ``rec_mse``: held-out reconstruction MSE per pixel in [-1, 1] (the paper's Table 2 quantity);
 * ``f_gap``, ``f_gap_noise``: the energy's mean f(data) − f(samples) and f(data) − f(noise).
 
@@ -27,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..datasets import MultiResolutionDataset, read_metadata
-from ..networks import build_network
+from ..networks import build_network, fade_images
 from ..progressive.checkpoint import Checkpoint
 from ..progressive.diagnostics import energy_diagnostics
+from ..progressive.grids import reconstruct
 from .checkpoint_models import load_checkpoint, resolve_checkpoint
-from .demo_features import DemoReference, load_demo_features
+from .demo_features import DemoReference, load_demo_features, shape_accuracy
 from .fid import FeatureStats, RandomConvFeatures, fid_from_stats
 from .reconstruction import reconstruction_error
 
@@ -92,6 +95,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     raw = load_checkpoint(path, ema=False, inference=True, device=device)
     out["rec_mse"] = reconstruction_error(raw.generator, raw.inference, data, r, fade_alpha=alpha,
                                           split="test", count=count, device=device).mse
+    if cfg.data is None:
+        # Shapes through q and g: what the samples can at best learn to show. Fresh renders
+        # (never trained on); held-out reconstructions that lose a shape point at the networks.
+        out["rec_shapes"] = shape_accuracy(
+            load_demo_features(device=device), r, count, seed=cfg.seed, first=cfg.demo_count,
+            top=min(cfg.max_resolution, 64),
+            transform=lambda x: reconstruct(raw.generator, raw.inference,
+                                            fade_images(x.to(device), alpha), alpha).clamp(-1, 1))
     if cfg.objective.terms.energy:
         energy = build_network("energy", cfg.network, loaded.stage)
         energy.load_state_dict(Checkpoint.load(path).models["energy"])
