@@ -105,7 +105,7 @@ class ObjectiveConfig:
     # the photographs' runs (f(samples) above f(data), reconstruction error doubled, in 16²
     # probes); at 1 its gradient was too smooth to pull samples (its θ-gradient 12x smaller
     # than R's, and a 3x energy rate changed nothing); 0.1 kept both (probes, 16² and 8²).
-    # The demo's settings (demo_config: 10x the learning rates, lazy R1) take 0.05.
+    # The demo's settings (demo_config: 10x the learning rates, lazy R1) take 0.01 with w_e 0.5.
     w_r1: float = 0.1  # R1: w_r1/2 · mean |∇ₓf(x)|² on data in the α step (see energy_loss)
     # Lazy R1 (StyleGAN2's lazy regularisation): the penalty on one step in r1_interval, weighted
     # ×r1_interval, saves R1's double backward (~38% of the demo's time) on the other steps.
