@@ -72,8 +72,7 @@ VARIANTS: dict[str, list[str]] = {
     "r1-1": ["--w-r1", "1"],
     "r1-0.02": ["--w-r1", "0.02"],
     "r1-0.05": ["--w-r1", "0.05"],
-    "r1-0.1": ["--w-r1", "0.1"],  # the --data runs' default
-    "r1-0.1-w-e-1": ["--w-r1", "0.1", "--w-e", "1"],  # the --data runs' energy settings
+    "r1-0.1-w-e-1": ["--w-r1", "0.1", "--w-e", "1"],  # the demo before; the --data runs' own
     "r1-0.05-w-e-0.5": ["--w-r1", "0.05", "--w-e", "0.5"],
     "w-e-2": ["--w-e", "2"],
     "r1-every-step": ["--r1-interval", "1"],

@@ -207,7 +207,7 @@ def demo_config() -> TrainConfig:
         # --w-r1 0.05 --w-e 0.5 reconstructs as the VAE does with samples as before (63 / 68 /
         # 84, 59 / 65 / 56%). w_e 0.5 buys back most of what a weak R1 costs the
         # reconstructions (R1 0.02: rec 0.0102 -> 0.0093 on average, shapes unchanged). On
-        # photographs with the demo's settings (--data data/photos32.lmdb, 16x16, 160 kimg) no
+        # photographs with the demo's settings (--data data/photos32.lmdb, 16x16, 160 kimg, seed 0) no
         # collapse: pixel FD 1.42 -> 1.33, random-conv FD 0.019 -> 0.017, rec MSE 0.0150 ->
         # 0.0155. --data runs keep 0.1 and 1: at their settings (learning rates 1e-3, R1 every
         # step) a weaker R1 collapsed the photographs' samples (pixel FD 2.76 -> 16.6 at 0.05,
