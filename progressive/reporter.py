@@ -79,7 +79,8 @@ def estimate_remaining_s(cfg, images_seen: int, speeds: dict[int, float]) -> flo
     image, the cost grows more slowly than the pixel count at small resolutions, where fixed
     costs per step dominate (the demo: 0.94 from 4² to 16²), and about as fast at large ones (an
     H100, 512² to 1024²: 1.9, bench/RESULTS.md). With p = 2 throughout, the demo's ETA read 20m
-    at 4 kimg and 9m49s at 12 kimg, with 4m35s and 4m30s to go; now 8m and 4m51s.
+    at 4 kimg and 9m49s at 12 kimg, with 4m35s and 4m30s to go; now (with SpeedLog's
+    speeds) 8m26s and 5m26s, and 4m20s at 32 kimg with about 4m05s to go.
     """
     measured = sorted(speeds)
     r_hi = measured[-1]
@@ -98,6 +99,23 @@ def estimate_remaining_s(cfg, images_seen: int, speeds: dict[int, float]) -> flo
     return seconds
 
 
+class SpeedLog:
+    """Images and seconds of every tick so far, per resolution; ``speeds()``: their ratio, the
+    images/s the ETA uses. A cumulative mean, not the last tick's: one slow tick (another
+    process on a shared machine) moves a resolution's speed by its share of the time, where the
+    last tick's alone made the demo's ETA jump from 5m25s to 18m at 16 kimg."""
+
+    def __init__(self) -> None:
+        self.totals: dict[int, tuple[int, float]] = {}  # resolution -> (images, seconds)
+
+    def add(self, resolution: int, images: int, seconds: float) -> None:
+        n, s = self.totals.get(resolution, (0, 0.0))
+        self.totals[resolution] = (n + images, s + seconds)
+
+    def speeds(self) -> dict[int, float]:
+        return {r: max(n / max(s, 1e-9), 1e-9) for r, (n, s) in self.totals.items()}
+
+
 class Reporter:
     """The tick's accumulated metrics and timing, and everything the run directory gets besides
     checkpoints and options: metrics.jsonl, stages.jsonl, log lines, grids, DONE. Files are
@@ -114,7 +132,7 @@ class Reporter:
         self.tick_sums: dict[str, Tensor] = {}  # metric -> sum over the tick's steps
         self.tick_counts: dict[str, int] = {}  # metric -> steps that logged it (lazy R1: few)
         self.tick_count = 0  # steps in the tick
-        self.speeds: dict[int, float] = {}  # resolution -> its last tick's images/s (ETA)
+        self.speeds = SpeedLog()  # images/s of each resolution so far (the ETA)
         self.tick_start = time.perf_counter()
         self.curves_drawn = self.tick_start  # perf_counter() of the last latest-curves.png
         self.tick_images = 0  # images seen when the tick started
@@ -181,11 +199,12 @@ class Reporter:
         values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu().tolist()
         losses = dict(zip(names, values, strict=True))
         seconds = time.perf_counter() - self.tick_start
-        speed = (state.images_seen - self.tick_images) / max(seconds - self.tick_pause, 1e-9)
+        busy = max(seconds - self.tick_pause, 1e-9)
+        speed = (state.images_seen - self.tick_images) / busy
         state.elapsed_s += seconds
         stage = state.stage
-        self.speeds[stage.resolution] = max(speed, 1e-9)
-        eta = estimate_remaining_s(cfg.schedule, state.images_seen, self.speeds)
+        self.speeds.add(stage.resolution, state.images_seen - self.tick_images, busy)
+        eta = estimate_remaining_s(cfg.schedule, state.images_seen, self.speeds.speeds())
         global_batch, per_gpu_batch, accumulation = batch_sizes(cfg.schedule, stage.resolution,
                                                                 accelerator.num_processes)
         record = {

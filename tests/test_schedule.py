@@ -7,7 +7,7 @@ import json
 import pytest
 
 from triangle.networks import Stage, stage_sequence
-from triangle.progressive.reporter import estimate_remaining_s
+from triangle.progressive.reporter import SpeedLog, estimate_remaining_s
 from triangle.progressive.schedule import (
     ScheduleConfig,
     batch_sizes,
@@ -157,3 +157,12 @@ def test_eta_uses_each_resolutions_measured_speed_and_extrapolates_with_the_fitt
         2500 / 400 + 2500 / (400 * (16 / 32) ** 0.5))  # p fitted 0.32, kept at 0.5
     # A steep drop is kept at p = 2.
     assert estimate_remaining_s(CFG, 6500, {8: 1000.0, 16: 10.0}) == pytest.approx(2500 / 2.5)
+
+
+def test_eta_speeds_average_every_tick_of_a_resolution():
+    log = SpeedLog()
+    for _ in range(3):
+        log.add(8, 4000, 4.0)  # 1000 images/s
+    log.add(8, 4000, 8.0)  # one slow tick, 500 images/s
+    log.add(16, 1000, 4.0)
+    assert log.speeds() == pytest.approx({8: 16000 / 20.0, 16: 250.0})  # not 500 for 8x8
