@@ -131,16 +131,20 @@ def measure(resolution: int, batch: int, net: NetworkConfig, objective: Objectiv
 
 
 def profile_table(iteration, device: torch.device, rows: int = 15) -> str:
-    """The operators with the most self time on ``device`` over 3 calls of ``iteration``."""
+    """The operators with the most self time on ``device`` over 3 calls of ``iteration``: by
+    operator (kernels included), then by operator and input shapes (which convolution is slow)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             iteration()
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    by_op = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=rows, max_name_column_width=40, max_shapes_column_width=100)
+    return by_op + "\nby input shapes:\n" + by_shape
 
 
 @click.command()

@@ -66,7 +66,88 @@ class Conv2d(_Weighted):
         self.padding = kernel // 2
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda:  # cuDNN runs torch's double backward of a convolution badly (conv2d)
+            return conv2d(x, self._weight(), self.bias, self.padding)
+        # oneDNN does not (bench/conv_grad.py: 0.86-1.15x on a 2-core CPU), and the CPU demo's
+        # small convolutions would pay the autograd.Function's call overhead.
         return F.conv2d(x, self._weight(), self.bias, padding=self.padding)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """``F.conv2d`` (stride 1, square kernel, ``padding`` = kernel // 2) with a double backward
+    built from convolutions again: B x Cin x H x W -> B x Cout x H x W.
+
+    R1 (the θ-gradient of |∇ₓf(x)|²) differentiates the convolution's input gradient once more.
+    torch's own formula computes that term's weight part as a convolution whose kernel is a whole
+    B x H x W feature map (batch and channels swapped); cuDNN runs it with a generic kernel that
+    took a third of an H100 iteration at 256² (bench/RESULTS.md). Here the input gradient is a
+    convolution with the transposed kernel, so its weight gradient is the ordinary one.
+    Under autocast the operands are cast as ``F.conv2d`` would cast them, once, outside."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _Conv2d.apply(x, weight, bias, padding)
+    return _Conv2d.apply(x, weight, bias, padding)
+
+
+def _transposed_kernel(weight: Tensor) -> Tensor:
+    """Cout x Cin x k x k -> Cin x Cout x k x k, flipped: with stride 1 and 'same' padding, the
+    convolution with it is the transposed convolution (the input gradient)."""
+    return weight.transpose(0, 1).flip(2, 3).contiguous(memory_format=torch.channels_last)
+
+
+def _convolution_backward(grad_out: Tensor, x: Tensor, weight: Tensor, padding: int,
+                          mask: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """torch's input and weight gradients of ``F.conv2d`` (the kernels autograd runs)."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [mask[0], mask[1], False])
+    return grad_x, grad_w
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            grad_x = (_Conv2d.apply(grad_out, _transposed_kernel(weight), None, ctx.padding)
+                      if need_x else None)
+            grad_w = _Conv2dWeightGrad.apply(grad_out, x, weight, ctx.padding) if need_w else None
+        else:
+            grad_x, grad_w = _convolution_backward(grad_out, x, weight, ctx.padding,
+                                                   (need_x, need_w))
+        grad_b = grad_out.sum((0, 2, 3)) if need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _Conv2dWeightGrad(torch.autograd.Function):
+    """The weight gradient of ``F.conv2d`` as a function of (grad_out, x), differentiable: it is
+    bilinear, so its gradients are the forward and the transposed convolution with ``gg``."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, padding: int) -> Tensor:
+        ctx.save_for_backward(grad_out, x)
+        ctx.padding = padding
+        return _convolution_backward(grad_out, x, weight, padding, (False, True))[1]
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        grad_out, x = ctx.saved_tensors
+        need_grad_out, need_x = ctx.needs_input_grad[:2]
+        d_grad_out = _Conv2d.apply(x, gg, None, ctx.padding) if need_grad_out else None
+        d_x = (_Conv2d.apply(grad_out, _transposed_kernel(gg), None, ctx.padding)
+               if need_x else None)
+        return d_grad_out, d_x, None, None
 
 
 def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:

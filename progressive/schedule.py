@@ -29,9 +29,9 @@ DEFAULT_BATCH = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 32, 512:
 # split into micro-batches whose gradients are accumulated (gradient accumulation), so the
 # global batch is the table's on any number of GPUs. Measured on an H100 (bf16, default widths,
 # R1 every step, bench/RESULTS.md): peak memory 11.2 GiB at 128² x 32, 23.8 at 256² x 32, 24.4
-# at 512² x 16, 17.8 at 1024² x 8 (2.1 GiB per image); so 1024² x 16 needs about 35 GiB (not yet
-# measured): one 80 GB card runs the table's batch at once at every resolution. Cards with
-# less memory: --gpu-batch-cap, and --dry-run on the GPU prints each phase's measured peak.
+# at 512² x 16, 50.1 at 1024² x 16 (53.7 in the dry run's 1024² fade): one 80 GB card runs the
+# table's batch at once at every resolution. Cards with less memory: --gpu-batch-cap, and
+# --dry-run on the GPU prints each phase's measured peak.
 DEFAULT_PER_GPU_CAP = {4: 256, 8: 256, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16,
                        1024: 16}
 

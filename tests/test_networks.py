@@ -343,3 +343,38 @@ def test_upsampling_in_batch_chunks_matches_one_call(monkeypatch):
     assert chunked.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(reference)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (reference, chunked)))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv2d_gradients_and_r1_gradients_are_torchs(kernel):
+    """``layers.conv2d`` (the CUDA path of every conv: its input gradient is a convolution again,
+    so R1's double backward runs weight-gradient kernels) is F.conv2d to every order: first and
+    second derivatives checked numerically in float64, and R1's θ-gradient through two layers
+    equals the one through F.conv2d; under bf16 autocast it casts and returns what F.conv2d does."""
+    from triangle.networks.layers import conv2d
+
+    torch.manual_seed(0)
+    pad = kernel // 2
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(2, 4, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    layer = lambda x, w, b: conv2d(x, w, b, pad)  # noqa: E731
+    assert torch.autograd.gradcheck(layer, (x, w, b))
+    assert torch.autograd.gradgradcheck(layer, (x, w, b))
+
+    def r1_theta_gradient(conv):
+        h = F.leaky_relu(conv(x, w, b, pad), 0.2)
+        f = conv(h, w2, None, pad).square().sum()
+        (grad,) = torch.autograd.grad(f, x, create_graph=True)
+        return torch.autograd.grad(f + grad.square().sum(), (w, w2, b))
+
+    torch_conv = lambda x, w, b, p: F.conv2d(x, w, b, padding=p)  # noqa: E731
+    for ours, want in zip(r1_theta_gradient(conv2d), r1_theta_gradient(torch_conv)):
+        torch.testing.assert_close(ours, want)
+
+    x32, w32, b32 = (t.detach().float() for t in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, want = conv2d(x32, w32, b32, pad), F.conv2d(x32, w32, b32, padding=pad)
+    assert ours.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, want)
