@@ -15,15 +15,15 @@ gradients relative to their size (the same mathematics: float rounding only).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import click
 import torch
 import torch.nn.functional as F
+from step import sync, timed  # bench/step.py (the bench folder is the script's own)
 
 from triangle.networks.layers import conv2d
 from triangle.progressive.schedule import DEFAULT_BATCH, DEFAULT_PER_GPU_CAP
-
-from step import sync, timed  # bench/step.py (the bench folder is the script's own)
 
 
 def torch_conv2d(x, weight, bias, padding):
@@ -88,9 +88,9 @@ def main(device, precision, min_res, max_res, channel_base, channel_max, seconds
         images = torch.randn(batch, 3, res, res, device=dev)
         results = []
         for conv in (torch_conv2d, conv2d):
-            grads = r1_weight_gradients(conv, params, images, autocast)
-            seconds_per_call = timed(lambda: r1_weight_gradients(conv, params, images, autocast),
-                                     dev, seconds)
+            call = functools.partial(r1_weight_gradients, conv, params, images, autocast)
+            grads = call()
+            seconds_per_call = timed(call, dev, seconds)
             results.append((seconds_per_call, grads))
             sync(dev)
         (t_torch, g_torch), (t_ours, g_ours) = results
