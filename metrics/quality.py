@@ -12,6 +12,9 @@ models against the held-out split of its data, at the checkpoint's resolution:
   ``rec_shapes``: the fraction of fresh demo renders whose reconstruction keeps its shape
   (the demo classifier names the rendered one);
 * ``rec_mse``: held-out reconstruction MSE per pixel in [-1, 1] (the paper's Table 2 quantity);
+  ``rec_mse_best_z``: the same with the latent code each image's best (Adam on z from q's mean,
+  metrics/reconstruction.py ``best_latent_error``): the generator's share of ``rec_mse``, the rest
+  is the inference network's;
 * ``f_gap``, ``f_gap_noise``: the energy's mean f(data) − f(samples) and f(data) − f(noise).
 
 Every distance comes with its two references computed the same way: training images against
@@ -36,7 +39,7 @@ from ..progressive.grids import reconstruct
 from .checkpoint_models import load_checkpoint, resolve_checkpoint
 from .demo_features import DemoReference, load_demo_features, shape_accuracy
 from .fid import FeatureStats, RandomConvFeatures, fid_from_stats
-from .reconstruction import reconstruction_error
+from .reconstruction import best_latent_error, reconstruction_error
 
 PIXEL_FD_SIZE = 8  # images are box-filtered to 8x8 before the pixel-space distance
 
@@ -95,6 +98,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     raw = load_checkpoint(path, ema=False, inference=True, device=device)
     out["rec_mse"] = reconstruction_error(raw.generator, raw.inference, data, r, fade_alpha=alpha,
                                           split="test", count=count, device=device).mse
+    x = fade_images(load_split(data, "test", r, count), alpha).to(device)
+    out["rec_mse_best_z"] = best_latent_error(raw.generator, raw.inference, x, alpha)
     if cfg.data is None:
         # Shapes through q and g: what the samples can at best learn to show. Fresh renders
         # (never trained on); held-out reconstructions that lose a shape point at the networks.

@@ -68,3 +68,29 @@ def reconstruction_error(
         x = dataset_images(ds, resolution, range(start, min(n, start + batch)), fade_alpha).to(device)
         total += per_image_mse(x, reconstruct(generator, inference, x, fade_alpha)).sum().cpu()
     return ReconstructionResult(float(total / n), n, resolution, split)
+
+
+def best_latent_error(generator: nn.Module, inference: nn.Module, x: Tensor, fade_alpha: float = 1.0,
+                      *, steps: int = 300, lr: float = 0.05, batch: int = 256) -> float:
+    """The generator's share of the reconstruction error: the per-pixel MSE of ``g(z*)``, where
+    ``z*`` minimises SSE(x, g(z)) for each image, found by Adam (``steps`` at ``lr``) from q's
+    mean with both networks fixed (so an upper bound on that minimum).
+
+    ``x``: N×3×R×R in [-1, 1], as the networks see it at ``fade_alpha``. The reconstruction
+    error of ``g(mu(q(x)))`` minus this is the inference network's share (the amortisation gap):
+    what a better q could gain without a better generator."""
+    total = 0.0
+    for chunk in x.split(batch):
+        with torch.no_grad():
+            z = inference(chunk, fade_alpha)[0].float()
+        z.requires_grad_(True)
+        optimiser = torch.optim.Adam([z], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                sse = (generator(z, fade_alpha).float() - chunk).square().sum()
+                (z.grad,) = torch.autograd.grad(sse, z)  # the networks' weights get none
+                optimiser.step()
+        with torch.no_grad():
+            total += float(per_image_mse(chunk, generator(z, fade_alpha)).sum())
+    return total / len(x)
+

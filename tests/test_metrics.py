@@ -253,3 +253,19 @@ def test_loader_errors_are_one_line(tmp_path, eval_data):
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(path)
         assert "\n" not in str(err.value), str(err.value)
+
+
+def test_best_latent_error_finds_the_code_the_inference_misses(eval_run):
+    """Images the generator makes exactly, g(z₀), with q's mean far from z₀: the best-z error is a
+    small fraction of g(μ)'s (the inference network's share is the rest), and never above it."""
+    from triangle.metrics.reconstruction import best_latent_error, per_image_mse
+
+    loaded = load_checkpoint(eval_run, ema=False, inference=True)
+    g, q, a = loaded.generator, loaded.inference, loaded.fade_alpha
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = g(torch.randn(6, loaded.config.network.latent_dim), a)
+        through_mu = float(per_image_mse(x, g(q(x, a)[0], a)).mean())
+    best = best_latent_error(g, q, x, a, steps=300, batch=4)
+    assert best < 0.2 * through_mu
+    assert not any(p.grad is not None for p in [*g.parameters(), *q.parameters()])
