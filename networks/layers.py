@@ -66,10 +66,12 @@ class Conv2d(_Weighted):
         self.padding = kernel // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda:  # cuDNN runs torch's double backward of a convolution badly (conv2d)
+        # cuDNN runs torch's double backward of a convolution (R1's) badly: see conv2d. oneDNN
+        # does not (bench/conv_grad.py: 0.86-1.15x on a 2-core CPU), where the CPU demo's small
+        # convolutions would pay the autograd.Function's overhead; and compiled networks (the
+        # generator's and the inference network's) are never differentiated twice.
+        if x.is_cuda and not torch.compiler.is_compiling():
             return conv2d(x, self._weight(), self.bias, self.padding)
-        # oneDNN does not (bench/conv_grad.py: 0.86-1.15x on a 2-core CPU), and the CPU demo's
-        # small convolutions would pay the autograd.Function's call overhead.
         return F.conv2d(x, self._weight(), self.bias, padding=self.padding)
 
 
