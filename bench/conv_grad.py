@@ -5,7 +5,7 @@ networks/layers.py (whose input gradient is a convolution again), on the energy'
                               [--max-res R] [--channel-base 16384] [--channel-max 512]
 
 For each resolution R, the energy's layers at R (fromRGB 1x1 3 -> C_R, 3x3 C_R -> C_R, 3x3
-C_R -> C_R/2, LeakyReLU, 2x2 average pool) on a batch of twice the schedule's per-GPU batch (the
+C_R -> C_R/2, LeakyReLU, 2x2 average pool) on a batch of twice the schedule's micro-batch (the
 energy's fused call on data and samples), timed for what an R1 step asks of them: f, ∇ₓf with
 create_graph, then the gradient of Σf + |∇ₓf|² for the weights. Prints milliseconds per call
 with each convolution, the speed-up, and the largest difference between the two weight
@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 from step import sync, timed  # bench/step.py (the bench folder is the script's own)
 
+from triangle.networks import NetworkConfig
 from triangle.networks.layers import conv2d
-from triangle.progressive.schedule import DEFAULT_BATCH, DEFAULT_PER_GPU_CAP
+from triangle.progressive.schedule import ScheduleConfig, batch_sizes
 
 
 def torch_conv2d(x, weight, bias, padding):
     return F.conv2d(x, weight, bias, padding=padding)
 
 
-def top_block(res: int, channel_base: int, channel_max: int, device: torch.device):
+def top_block(res: int, widths: NetworkConfig, device: torch.device):
     """Weights (channels-last, as the networks keep them) and biases of the block at ``res``."""
-    c, c_half = (min(channel_base // r, channel_max) for r in (res, res // 2))
+    c, c_half = widths.channels(res), widths.channels(res // 2)
     shapes = [(c, 3, 1, 1), (c, c, 3, 3), (c_half, c, 3, 3)]
     params = []
     for shape in shapes:
@@ -66,8 +67,15 @@ def r1_weight_gradients(conv, params, images, autocast):
 def main(device, precision, min_res, max_res, channel_base, channel_max, seconds):
     dev = torch.device(device)
     gpu = dev.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device here: use --device cpu", param_hint="--device")
     max_res = max_res or (1024 if gpu else 32)
-    channel_max = channel_max or (512 if gpu else 64)
+    resolutions = [4 * 2**i for i in range(9) if min_res <= 4 * 2**i <= max_res]
+    if min_res not in resolutions or max_res not in resolutions:
+        raise click.BadParameter(f"--min-res {min_res} and --max-res {max_res} must be powers of "
+                                 "two from 4 to 1024, the first not above the second")
+    widths = NetworkConfig(channel_base=channel_base, channel_max=channel_max or (512 if gpu else 64))
+    schedule = ScheduleConfig()
     if gpu:
         torch.backends.cudnn.benchmark = True  # training's default (--cudnn-benchmark)
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -79,12 +87,11 @@ def main(device, precision, min_res, max_res, channel_base, channel_max, seconds
 
     name = torch.cuda.get_device_name(dev) if gpu else f"CPU, {torch.get_num_threads()} threads"
     click.echo(f"device: {name}; torch {torch.__version__}; {precision}; channel_base "
-               f"{channel_base}, channel_max {channel_max}")
+               f"{widths.channel_base}, channel_max {widths.channel_max}")
     click.echo("  res  batch  channels  torch ms  layers.conv2d ms  speed-up  grad diff")
-    res = min_res
-    while res <= max_res:
-        batch = 2 * min(DEFAULT_BATCH[res], DEFAULT_PER_GPU_CAP[res])
-        params, channels = top_block(res, channel_base, channel_max, dev)
+    for res in resolutions:
+        batch = 2 * batch_sizes(schedule, res).micro_batch
+        params, channels = top_block(res, widths, dev)
         images = torch.randn(batch, 3, res, res, device=dev)
         results = []
         for conv in (torch_conv2d, conv2d):
@@ -101,7 +108,6 @@ def main(device, precision, min_res, max_res, channel_base, channel_max, seconds
         del params, images, results, g_torch, g_ours
         if gpu:
             torch.cuda.empty_cache()
-        res *= 2
 
 
 if __name__ == "__main__":
