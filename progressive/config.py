@@ -215,8 +215,8 @@ def demo_config() -> TrainConfig:
         # 17.6 at 0.02 with w_e 0.5).
         # This weak, lazy R1 lets f's scale grow as the rates ramp down (data-samples gap 14 ->
         # 108 over the last 30 kimg; 689 at 320 kimg). R1 on one step in 4 holds it (~30) and
-        # reconstructs 3-9% better, but shapes 67 / 67 / 67% and a fifth more time (README,
-        # "The energy's scale at the end of the demo"): kept at 16 for the five-minute demo.
+        # reconstructs 3-9% better in 7% more time, but with shapes in 67 / 67 / 67% of samples
+        # (README, "The energy's scale at the end of the demo"): kept at 16 for the demo.
         objective=ObjectiveConfig(r1_interval=16, w_r1=0.01, w_e=0.5),
         schedule=ScheduleConfig(
             max_resolution=16,
