@@ -183,8 +183,8 @@ def demo_config() -> TrainConfig:
     64 channels up to 8x8 and 32 at 16x16, a 32-d latent, batch 16, bf16 autocast where the CPU
     has it, 10 kimg per phase up to the fade into 16x16, then a stable 16x16 phase to 160 kimg,
     the last 30 with the learning rates ramped down. Measured on an idle 2-core CPU
-    (AVX512-BF16) with torch's CUDA build: ~490 img/s at 16x16 (lazy R1), 4m27s of
-    training, 4m53s from `pip install -e .` in a fresh clone to its end.
+    (AVX512-BF16) with torch's CUDA build: ~490 img/s at 16x16 (lazy R1), 4m27s-4m38s of
+    training, 4m53s-5m02s from `pip install -e .` in a fresh clone to its end.
     """
     return TrainConfig(
         # Latent 32, not 64 (bf16, 120 kimg, seeds 0 and 1): held-out rec MSE 0.0108 -> 0.0099
