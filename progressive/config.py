@@ -198,7 +198,10 @@ def demo_config() -> TrainConfig:
         # FD 86 / 96 / 96 -> 65 / 76 / 84, held-out rec MSE 0.0099 / 0.0096 / 0.0097 -> 0.0091 /
         # 0.0090 / 0.0094, shapes 58 / 64 / 59% -> 60 / 60 / 60%. 16 channels at 16x16
         # (channel_base 256, 240 kimg in 5m35s: FD 64, 58%, rec 0.0099) and batch 8 at 32
-        # channels (120 kimg: FD 66, 57%, rec 0.0095) did no better (seed 0).
+        # channels (120 kimg: FD 66, 57%, rec 0.0095) did no better (seed 0). 32 channels at 4x4
+        # and 8x8 too (channel_max 32; fp32, seeds 0 and 2, 160 kimg): the 16x16 step 1.7x
+        # faster on an AVX2-only CPU, but demo FD 28 / 59 -> 53 / 80, rec 0.0100 / 0.0107 ->
+        # 0.0128 / 0.0123.
         network=NetworkConfig(latent_dim=32, channel_base=512, channel_max=64),
         # Lazy R1 here only: on the demo one step in 16 gave the same samples as every step
         # (110 kimg: FD 105 and 46% shapes against 109 and 48%) in ~30% less time (16x16: ~300
