@@ -31,11 +31,13 @@ from triangle.progressive.objective import kl_term, reparameterize, sum_squared_
 
 @click.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--steps", default=1000, show_default=True, help="Steps of q alone.")
-@click.option("--lr", default=1e-3, show_default=True, help="q's Adam learning rate.")
+@click.option("--steps", default=1000, type=click.IntRange(min=1), show_default=True,
+              help="Steps of q alone.")
+@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="q's Adam learning rate.")
 @click.option("--loss", type=click.Choice(["elbo", "noisy", "mean"]), default="elbo", show_default=True)
-@click.option("--batch", default=16, show_default=True)
-@click.option("--threads", default=None, type=int, help="CPU threads [torch's default].")
+@click.option("--batch", default=16, type=click.IntRange(min=1), show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [torch's default].")
 def main(run: str, steps: int, lr: float, loss: str, batch: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -56,7 +58,7 @@ def main(run: str, steps: int, lr: float, loss: str, batch: int, threads: int | 
 
     print(f"{run}: {r}x{r}, held-out rec MSE before: {held_out():.5f}; q alone, loss {loss}, "
           f"lr {lr}, {steps} steps of {batch}")
-    q.train().requires_grad_(True)
+    q.requires_grad_(True)
     opt = torch.optim.Adam(q.parameters(), lr=lr,
                            betas=(cfg.adam_beta1, cfg.adam_beta2))
     for step in range(1, steps + 1):
@@ -70,9 +72,7 @@ def main(run: str, steps: int, lr: float, loss: str, batch: int, threads: int | 
         value.backward()
         opt.step()
         if step % max(1, steps // 4) == 0:
-            q.eval()
             print(f"step {step:5d}: held-out rec MSE {held_out():.5f}", flush=True)
-            q.train()
 
 
 if __name__ == "__main__":
