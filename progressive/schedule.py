@@ -181,10 +181,11 @@ def schedule(images_seen: int, cfg: ScheduleConfig, world_size: int = 1) -> Sche
     if images_seen < 0:
         raise ValueError("images_seen must be >= 0")
     phases = phase_boundaries(cfg)
-    index = next((i for i, (_, _, end) in enumerate(phases) if images_seen < end),
-                 len(phases) - 1)
-    stage, start, end = phases[index]
     total = total_images(cfg)
+    # Once done, the phase of the last image: a total at a phase's end is not the next phase.
+    last = min(images_seen, total - 1)
+    index = next((i for i, (_, _, end) in enumerate(phases) if last < end), len(phases) - 1)
+    stage, start, end = phases[index]
     done = images_seen >= total
     end = min(end, total)
 

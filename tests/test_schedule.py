@@ -51,6 +51,14 @@ def test_max_res_is_reached_where_configured_and_training_ends_at_the_total():
     assert run(longer)[-1][1].stage == Stage(32, False) and total_images(longer) == 20000
 
 
+def test_a_total_at_a_phase_boundary_ends_in_the_phase_it_ends():
+    for _, _, end in phase_boundaries(CFG)[:-1]:  # the stable 4x4's end, the fades', ...
+        short = dataclasses.replace(CFG, total_kimg=end / 1000)
+        last_n, last = run(short)[-1]
+        done = schedule(end, short)
+        assert done.done and done.stage == last.stage and done.fade_alpha == 1.0
+
+
 def test_alpha_is_continuous_and_monotone_within_a_fade():
     for stage, start, end in phase_boundaries(CFG):
         alphas = [schedule(n, CFG).fade_alpha for n in range(start, end, 7)]
