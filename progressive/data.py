@@ -48,6 +48,12 @@ def prepare_data(cfg: TrainConfig, accelerator: Accelerator) -> str:
     if accelerator.is_local_main_process and not path.exists():
         _render_demo(cfg, path)
     accelerator.wait_for_everyone()
+    meta = read_metadata(path)  # rendered by an earlier command with other settings?
+    if (meta.count, len(meta.test_indices)) != (cfg.demo_count, cfg.demo_holdout):
+        raise UserError(
+            f"{path} holds {meta.count} demo images ({len(meta.test_indices)} held out), not "
+            f"--demo-count {cfg.demo_count} (--demo-holdout {cfg.demo_holdout}): delete it to "
+            "render the demo anew, or use another --run-dir")
     return str(path)
 
 

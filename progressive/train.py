@@ -177,6 +177,9 @@ SETTINGS = [
     Setting("schedule.max_resolution", "Final resolution, a power of two", flag="--max-res",
             type=int, callback=_power_of_two, special=True,
             data_default=f"the data's largest, at most {FULL.max_resolution}"),
+    Setting("demo_count", "Images of the built-in demo dataset (no --data), rendered into the run "
+            "directory (--demo-holdout of them held out)"),
+    Setting("demo_holdout", "Images of the demo dataset held out as its test split"),
     Setting("run_dir", "Run directory; re-running resumes from it",
             type=click.Path(file_okay=False), special=True,
             data_default="runs/<data>-<max res>-<objective>"),
@@ -256,7 +259,7 @@ SETTINGS = [
 
 # The fields no option sets: the presets' values hold (change them in config.py).
 FIXED_FIELDS = frozenset({
-    "demo_count", "demo_holdout", "adam_eps", "ema_rampup",
+    "adam_eps", "ema_rampup",
     "grid_reconstructions", "flip", "rollback_lr_factor", "max_rollbacks",
     "network.channel_min", "network.leaky_slope", "network.init", "network.init_std",
     "network.logvar_max", "network.pixel_norm_eps", "objective.rec_reference_pixels",

@@ -26,7 +26,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from triangle.datasets import write_demo_lmdb
+from triangle.datasets import read_metadata, write_demo_lmdb
 from triangle.networks import Stage
 from triangle.progressive.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from triangle.progressive.config import resolve_precision
@@ -648,6 +648,20 @@ def test_the_demo_logs_its_sample_quality_and_prints_it_at_the_end(tmp_path):
         assert m["demo_fd_floor"] < m["demo_fd_noise"]
         assert 0 <= m["shapes_recognised"] <= 1 and np.isfinite(m["demo_fd"])
 
+
+
+def test_the_demo_renders_demo_count_images_and_refuses_a_run_dir_rendered_with_another(tmp_path):
+    run_dir = tmp_path / "demo"
+    args = ["--run-dir", str(run_dir), *TINY, "--max-res", "8", "--total-kimg", "0.064"]
+    assert run_cli([*args, "--demo-count", "200", "--demo-holdout", "8"]).exit_code == 0
+    meta = read_metadata(run_dir / "demo.lmdb")
+    assert (meta.count, len(meta.test_indices)) == (200, 8)
+    before = list_checkpoints(run_dir)
+    result = run_cli([*args, "--demo-count", "300", "--demo-holdout", "8", "--allow-config-change"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "holds 200 demo images (8 held out), not --demo-count 300" in message, result.output
+    assert "delete it" in message and list_checkpoints(run_dir) == before  # nothing written
 
 
 def test_a_demo_run_stopped_and_rerun_gives_the_uninterrupted_weights(tmp_path):
