@@ -54,7 +54,7 @@ def test_max_res_is_reached_where_configured_and_training_ends_at_the_total():
 def test_a_total_at_a_phase_boundary_ends_in_the_phase_it_ends():
     for _, _, end in phase_boundaries(CFG)[:-1]:  # the stable 4x4's end, the fades', ...
         short = dataclasses.replace(CFG, total_kimg=end / 1000)
-        last_n, last = run(short)[-1]
+        _, last = run(short)[-1]
         done = schedule(end, short)
         assert done.done and done.stage == last.stage and done.fade_alpha == 1.0
 
