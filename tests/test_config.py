@@ -199,6 +199,8 @@ def test_the_demo_is_the_default():
     (["--data", "{data}", "--max-res", "16"], "holds resolutions 4..8, not 16"),
     (["--batch", "4:x"], "expected N or RES:N"),
     (["--objective", "gan"], "'gan' is not one of"),
+    (["--demo-count", "10"], "--demo-count 10 leaves no image to train on after --demo-holdout 64"),
+    (["--demo-holdout", "-1"], "--demo-holdout -1: give 0 or more"),
     (["--gpu-batch-cap", "8", "--strict"], "needs gradient accumulation on 1 process(es)"),
 ])
 def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
