@@ -269,6 +269,12 @@ FIXED_FIELDS = frozenset({
 def build_config(o: dict) -> tuple[TrainConfig, object]:
     """The TrainConfig for the parsed options ``o`` (None = the preset's value)."""
     if o["data"] is not None:
+        for name in ("demo_count", "demo_holdout"):
+            if o[name] is not None:
+                flag = "--" + name.replace("_", "-")
+                raise click.BadParameter("it sizes the built-in demo dataset, not --data's: drop it "
+                                         "(tools/prepare_lmdb.py --holdout sets a dataset's test split)",
+                                         param_hint=flag)
         try:
             meta = read_metadata(o["data"])
         except DatasetError as exc:

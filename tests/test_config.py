@@ -201,6 +201,8 @@ def test_the_demo_is_the_default():
     (["--objective", "gan"], "'gan' is not one of"),
     (["--demo-count", "10"], "--demo-count 10 leaves no image to train on after --demo-holdout 64"),
     (["--demo-holdout", "-1"], "--demo-holdout -1: give 0 or more"),
+    (["--data", "{data}", "--demo-count", "500"], "Invalid value for --demo-count: it sizes the built-in demo dataset"),
+    (["--data", "{data}", "--demo-holdout", "8"], "Invalid value for --demo-holdout: it sizes the built-in demo dataset"),
     (["--gpu-batch-cap", "8", "--strict"], "needs gradient accumulation on 1 process(es)"),
 ])
 def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
