@@ -85,6 +85,8 @@ VARIANTS: dict[str, list[str]] = {
     "beta1-0.9": ["--adam-beta1", "0.9"],
     "beta1-0": ["--adam-beta1", "0"],
     "phases-20": ["--fade-kimg", "20", "--stable-kimg", "20", "--total-kimg", "100"],
+    "moments-carry": ["--adam-moments", "carry"],
+    "grad-clip-0": ["--grad-clip", "0"],
 }
 DEFAULT_VARIANTS = ("triangle", "vae", "acd", "wake-sleep", "reference")
 # Demo widths and batch for --data runs too: the study compares settings, not network sizes.

@@ -94,7 +94,8 @@ class TrainConfig:
     # At a stage rebuild, Adam's moments are 'reset' (PGGAN) or 'carry'-ed over by parameter name.
     # Measured on the demo (seed 0, 100 kimg): reset reached a lower reconstruction error at 19
     # of the 20 ticks after the first rebuild (e.g. 0.0133 vs 0.0154 at 32 kimg, 0.0206 vs
-    # 0.0212 at the end): one seed, but no case for deviating from PGGAN.
+    # 0.0212 at the end): one seed, but no case for deviating from PGGAN. With today's demo
+    # (fp32, seeds 0 and 2) carry ended within the seeds' spread (README, the study).
     adam_moments: str = "reset"
     # EMA of the generator (stylegan2-ada): half-life in kimg, ramp-up as a fraction of images seen.
     ema_kimg: float = 10.0
