@@ -84,6 +84,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-pixel-norm": ["--no-pixel-norm"],
     "beta1-0.9": ["--adam-beta1", "0.9"],
     "beta1-0": ["--adam-beta1", "0"],
+    "beta2-0.99": ["--adam-beta2", "0.99"],  # PGGAN's and StyleGAN2's β2
     "phases-20": ["--fade-kimg", "20", "--stable-kimg", "20", "--total-kimg", "100"],
     "moments-carry": ["--adam-moments", "carry"],
     "grad-clip-0": ["--grad-clip", "0"],

@@ -94,7 +94,7 @@ class ObjectiveConfig:
     # norm 17) that prior samples miss, so samples are blobs while reconstructions are sharp.
     # Measured in 16² demo probes (30–70 kimg): w 1 summed blurred the reconstructions (MSE
     # 0.053 against 0.031 at 0.25); averaged, samples stayed blobs. With the demo's settings
-    # now (160 kimg, latent 32, seed 0; README, "Nor the KL's weight alone"): averaged (1/32 per
+    # now (160 kimg, latent 32, seed 0; docs/study.md, "Nor the KL's weight alone"): averaged (1/32 per
     # nat) rec MSE 0.0100 -> 0.0092 but shapes 67% -> 65%, demo FD 28 -> 44; summed at 1, FD 31,
     # 68%, rec 0.0145.
     kl_reduction: str = "sum"  # 'sum' over latent dims (D's own KL) or 'mean' (reference code)
@@ -119,7 +119,7 @@ class ObjectiveConfig:
     generator_steps: int = 1  # θ steps per iteration (paper: "optional multiple-step update")
     # The reference code's clip. With equalised weights it acts on most of the demo's generator
     # steps (tick-mean norms 110-260 at 16x16); off, the fp32 demo ended worse on seed 0 (demo
-    # FD 28 -> 53, rec MSE 0.0100 -> 0.0133) and mixed on seed 2 (README, the study).
+    # FD 28 -> 53, rec MSE 0.0100 -> 0.0133) and mixed on seed 2 (docs/study.md).
     grad_clip: float = 100.0  # max grad norm of each network; 0 disables
 
     def __post_init__(self) -> None:

@@ -56,7 +56,7 @@ class ScheduleConfig:
     # Equal to the generator's (the reference code: 1:3). At a third, the energy rated samples
     # at or above data (8x8 probes) and its pull on the generator was noise; with the R1
     # stabiliser (ObjectiveConfig.w_r1) an equal rate trained stably on the demo and on
-    # photographs (the README's study tables).
+    # photographs (docs/study.md).
     lr_energy: float = 1e-3
     lr_decay: float = 0.998  # learning rates x lr_decay every lr_decay_kimg (reference:
     lr_decay_kimg: float = 50.0  # x0.998 per 500 iterations of 100 images)
