@@ -72,11 +72,12 @@ VARIANTS: dict[str, list[str]] = {
     "r1-1": ["--w-r1", "1"],
     "r1-0.02": ["--w-r1", "0.02"],
     "r1-0.05": ["--w-r1", "0.05"],
-    "r1-0.1-w-e-1": ["--w-r1", "0.1", "--w-e", "1"],  # the demo before; the --data runs' own
+    "r1-0.1-w-e-1": ["--w-r1", "0.1", "--w-e", "1"],  # the --data runs' R1 and energy weight
     "r1-0.05-w-e-0.5": ["--w-r1", "0.05", "--w-e", "0.5"],
     "w-e-2": ["--w-e", "2"],
     "r1-every-step": ["--r1-interval", "1"],
-    "r1-every-4": ["--r1-interval", "4"],
+    "r1-every-4": ["--r1-interval", "4"],  # the demo's own; a change for --data runs
+    "r1-0.01-every-16": ["--w-r1", "0.01", "--r1-interval", "16"],  # the demo before
     "ema-10": ["--ema-kimg", "10"],
     "rampdown-30": ["--lr-rampdown-kimg", "30"],
     "rampdown-60": ["--lr-rampdown-kimg", "60"],

@@ -193,7 +193,7 @@ def demo_config() -> TrainConfig:
     64 channels up to 8x8 and 32 at 16x16, a 32-d latent, batch 16, bf16 autocast where the CPU
     has it, 10 kimg per phase up to the fade into 16x16, then a stable 16x16 phase to 160 kimg,
     the last 30 with the learning rates ramped down. Measured on an idle 2-core CPU
-    (AVX512-BF16) with torch's CUDA build: ~490 img/s at 16x16 (lazy R1), 4m27s-4m38s of
+    (AVX512-BF16) with torch's CUDA build: ~490 img/s at 16x16 (R1 on one step in 16), 4m27s-4m38s of
     training, 4m53s-5m02s from `pip install -e .` in a fresh clone to its end. On a 2-core
     AVX2-only EPYC (Zen 3, fp32) 120-139 img/s at 16x16 and 20m15s from a fresh clone: kept,
     as a third of the arithmetic (channel_base 256, batch 32: 8.0 minutes there) ended at
@@ -213,27 +213,22 @@ def demo_config() -> TrainConfig:
         # faster on an AVX2-only CPU, but demo FD 28 / 59 -> 53 / 80, rec 0.0100 / 0.0107 ->
         # 0.0128 / 0.0123.
         network=NetworkConfig(latent_dim=32, channel_base=512, channel_max=64),
-        # Lazy R1 here only: on the demo one step in 16 gave the same samples as every step
-        # (110 kimg: FD 105 and 46% shapes against 109 and 48%) in ~30% less time (16x16: ~300
-        # img/s against ~200); on photographs it lost (ObjectiveConfig.r1_interval).
-        # R1 at 0.01 and the energy's weight in the generator's loss at 0.5, not 0.1 and 1
-        # (bench/quality.py, seeds 0, 1, 2): demo FD 65 / 76 / 84 -> 34 / 46 / 49, shapes 60 /
-        # 60 / 60% -> 70 / 70 / 72%, but held-out rec MSE 0.0091 / 0.0090 / 0.0094 -> 0.0105 /
-        # 0.0108 / 0.0107 (the VAE's: 0.0091 / 0.0088 / 0.0090); seed 3: 86 -> 50, 61% -> 69%,
-        # 0.0090 -> 0.0097. The samples come first here;
-        # --w-r1 0.05 --w-e 0.5 reconstructs as the VAE does with samples as before (63 / 68 /
-        # 84, 59 / 65 / 56%). w_e 0.5 buys back most of what a weak R1 costs the
-        # reconstructions (R1 0.02: rec 0.0102 -> 0.0093 on average, shapes unchanged). On
-        # photographs with the demo's settings (--data data/photos32.lmdb, 16x16, 160 kimg, seed 0) no
-        # collapse: pixel FD 1.42 -> 1.33, random-conv FD 0.019 -> 0.017, rec MSE 0.0150 ->
-        # 0.0155. --data runs keep 0.1 and 1: at their settings (learning rates 1e-3, R1 every
-        # step) a weaker R1 collapsed the photographs' samples (pixel FD 2.76 -> 16.6 at 0.05,
-        # 17.6 at 0.02 with w_e 0.5).
-        # This weak, lazy R1 lets f's scale grow as the rates ramp down (data-samples gap 14 ->
-        # 108 over the last 30 kimg; 689 at 320 kimg). R1 on one step in 4 holds it (~30) and
-        # reconstructs 3-9% better in 7% more time, but with shapes in 67 / 67 / 67% of samples
-        # (docs/study.md, "The energy's scale at the end of the demo"): kept at 16 for the demo.
-        objective=ObjectiveConfig(r1_interval=16, w_r1=0.01, w_e=0.5),
+        # R1 at 0.005 on one step in 4 (lazy: 0.02 on each regularised step) and the energy's
+        # weight in the generator's loss at 0.5, not the --data runs' 0.1 on every step and 1.
+        # A weaker R1 sharpens the samples and costs reconstructions, w_e 0.5 buys part of them
+        # back (docs/study.md, "R1 and the energy's weight"). Lazy R1 pays for the demo's kimg
+        # (~30% less time than every step at 16x16). One step in 4, not 16: R1 at 0.01 on one
+        # step in 16 let f's scale run away as the rates ramp down (data-samples gap 14 -> 108
+        # over the last 30 kimg); one in 4 holds it at ~40. Against 0.01 on one step in 16, fp32
+        # on the AVX2-only EPYC, seeds 0-4 (bench/quality.py): demo FD 28 / 34 / 59 / 54 / 58 ->
+        # 30 / 39 / 46 / 42 / 49, shapes 67 / 70 / 61 / 61 / 68% -> 71 / 71 / 69 / 72 / 70%,
+        # held-out rec MSE +7% on average (0.0098 -> 0.0104; the VAE's 0.0086), ~7% more
+        # time. On photographs with the demo's settings (--data data/photos32.lmdb, 16x16, 160
+        # kimg, seed 0) pixel FD 1.73 -> 1.25, random-conv FD 0.017 -> 0.014, rec MSE 0.0158 ->
+        # 0.0167: no collapse. --data runs keep 0.1 on every step and 1: at their settings
+        # (learning rates 1e-3) a weaker R1 collapsed the photographs' samples (pixel FD 2.76 ->
+        # 16.6 at 0.05, 17.6 at 0.02 with w_e 0.5), a lazy one narrowed them to a few colours.
+        objective=ObjectiveConfig(r1_interval=4, w_r1=0.005, w_e=0.5),
         schedule=ScheduleConfig(
             max_resolution=16,
             # Short phases up to the fade into 16x16, whose stable phase then runs to the end:

@@ -106,13 +106,13 @@ class ObjectiveConfig:
     # the photographs' runs (f(samples) above f(data), reconstruction error doubled, in 16²
     # probes); at 1 its gradient was too smooth to pull samples (its θ-gradient 12x smaller
     # than R's, and a 3x energy rate changed nothing); 0.1 kept both (probes, 16² and 8²).
-    # The demo's settings (demo_config: 10x the learning rates, lazy R1) take 0.01 with w_e 0.5.
+    # The demo's settings (demo_config: 10x the learning rates, lazy R1) take 0.005 with w_e 0.5.
     w_r1: float = 0.1  # R1: w_r1/2 · mean |∇ₓf(x)|² on data in the α step (see energy_loss)
     # Lazy R1 (StyleGAN2's lazy regularisation): the penalty on one step in r1_interval, weighted
     # ×r1_interval, saves R1's double backward (~38% of the demo's time) on the other steps.
     # Every step by default: on the photographs (16², 100 kimg) one step in 4 and in 16 raised
     # the pixel FD from 2.71 to 7.14 and 10.24 (samples narrowed to a few colours). The demo's
-    # quality did not change (demo_config uses 16).
+    # quality did not change at 16 (demo_config uses 4, which holds f's scale).
     r1_interval: int = 1
     rec_reference_pixels: int = 32 * 32  # the balance rule: R = SSE · this / (H·W)
     fused: bool = True  # share passes between the φ and θ steps (see step.py); False = strict
