@@ -193,11 +193,12 @@ def demo_config() -> TrainConfig:
     64 channels up to 8x8 and 32 at 16x16, a 32-d latent, batch 16, bf16 autocast where the CPU
     has it, 10 kimg per phase up to the fade into 16x16, then a stable 16x16 phase to 160 kimg,
     the last 30 with the learning rates ramped down. Measured on an idle 2-core CPU
-    (AVX512-BF16) with torch's CUDA build: ~490 img/s at 16x16 (R1 on one step in 16), 4m27s-4m38s of
-    training, 4m53s-5m02s from `pip install -e .` in a fresh clone to its end. On a 2-core
-    AVX2-only EPYC (Zen 3, fp32) 120-139 img/s at 16x16 and 20m15s from a fresh clone: kept,
-    as a third of the arithmetic (channel_base 256, batch 32: 8.0 minutes there) ended at
-    demo FD 66, shapes 60%, rec MSE 0.0138 against 28, 67%, 0.0100 (seed 0).
+    (AVX512-BF16) with torch's CUDA build, with R1 on one step in 16 (before the current one in 4): ~490
+    img/s at 16x16, 4m27s-4m38s of training, 4m53s-5m02s from `pip install -e .` in a fresh
+    clone to its end. On a 2-core AVX2-only EPYC (Zen 3, fp32) 104-129 img/s at 16x16 and
+    21m23s from a fresh clone: kept, as a third of the arithmetic (channel_base 256, batch 32:
+    8.0 minutes there) ended at demo FD 66, shapes 60%, rec MSE 0.0138 against 28, 67%, 0.0100
+    (seed 0, R1 on one step in 16).
     """
     return TrainConfig(
         # Latent 32, not 64 (bf16, 120 kimg, seeds 0 and 1): held-out rec MSE 0.0108 -> 0.0099
