@@ -193,9 +193,9 @@ def demo_config() -> TrainConfig:
     64 channels up to 8x8 and 32 at 16x16, a 32-d latent, batch 16, bf16 autocast where the CPU
     has it, 10 kimg per phase up to the fade into 16x16, then a stable 16x16 phase to 160 kimg,
     the last 30 with the learning rates ramped down. Measured on an idle 2-core CPU
-    (AVX512-BF16) with torch's CUDA build, with R1 on one step in 16 (before the current one in 4): ~490
-    img/s at 16x16, 4m27s-4m38s of training, 4m53s-5m02s from `pip install -e .` in a fresh
-    clone to its end. On a 2-core AVX2-only EPYC (Zen 3, fp32) 104-129 img/s at 16x16 and
+    (AVX512-BF16) with torch's CUDA build, with R1 on one step in 16 (before the current one
+    in 4): ~490 img/s at 16x16, 4m27s-4m38s of training, 4m53s-5m02s from `pip install -e .`
+    in a fresh clone to its end. On a 2-core AVX2-only EPYC (Zen 3, fp32) 104-136 img/s at 16x16 and
     21m23s from a fresh clone: kept, as a third of the arithmetic (channel_base 256, batch 32:
     8.0 minutes there) ended at demo FD 66, shapes 60%, rec MSE 0.0138 against 28, 67%, 0.0100
     (seed 0, R1 on one step in 16).
@@ -218,14 +218,15 @@ def demo_config() -> TrainConfig:
         # weight in the generator's loss at 0.5, not the --data runs' 0.1 on every step and 1.
         # A weaker R1 sharpens the samples and costs reconstructions, w_e 0.5 buys part of them
         # back (docs/study.md, "R1 and the energy's weight"). Lazy R1 pays for the demo's kimg
-        # (~30% less time than every step at 16x16). One step in 4, not 16: R1 at 0.01 on one
+        # (one step in 16: ~30% less time than every step at 16x16; one in 4: ~6% more than
+        # one in 16, the main job's training time). One step in 4, not 16: R1 at 0.01 on one
         # step in 16 let f's scale run away as the rates ramp down (data-samples gap 14 -> 108
         # over the last 30 kimg); one in 4 holds it at ~40. Against 0.01 on one step in 16, fp32
         # on the AVX2-only EPYC, seeds 0-4 (bench/quality.py): demo FD 28 / 34 / 59 / 54 / 58 ->
         # 30 / 39 / 46 / 42 / 49, shapes 67 / 70 / 61 / 61 / 68% -> 71 / 71 / 69 / 72 / 70%,
-        # held-out rec MSE +7% on average (0.0098 -> 0.0104; the VAE's 0.0086), ~7% more
-        # time. On photographs with the demo's settings (--data data/photos32.lmdb, 16x16, 160
-        # kimg, seeds 0 / 1): pixel FD 1.73 / 1.38 -> 1.25 / 2.12, random-conv FD 0.017 / 0.032
+        # held-out rec MSE +7% on average (0.0098 -> 0.0104; the VAE's 0.0086). On photographs
+        # with the demo's settings (--data data/photos32.lmdb, 16x16, 160 kimg, seeds 0 / 1):
+        # pixel FD 1.73 / 1.38 -> 1.25 / 2.12, random-conv FD 0.017 / 0.032
         # -> 0.014 / 0.033, rec MSE 0.0158 / 0.0154 -> 0.0167 / 0.0162: no collapse, the same
         # cost in reconstructions. --data runs keep 0.1 on every step and 1: at their settings
         # (learning rates 1e-3) a weaker R1 collapsed the photographs' samples (pixel FD 2.76 ->
