@@ -5,8 +5,8 @@
 
 Trains every variant (``VARIANTS``: the triangle with the current defaults, the paper's three
 ablations, the VAE at the ELBO's own KL weight, the reference code's settings, and one-setting
-changes of the defaults) with ``progressive/train.py`` into ``DIR/runs/<variant>-s<seed>``, then scores each final
-checkpoint with ``metrics/quality.py`` (demo FD and recognised shapes on the built-in demo;
+changes of the defaults) with ``progressive/train.py`` into ``DIR/runs/<variant>-s<seed>``, then
+scores each final checkpoint with ``metrics/quality.py`` (demo FD and recognised shapes on the built-in demo;
 pixel-space and random-conv Fréchet distances, held-out reconstruction MSE and the energy's
 gaps everywhere) and writes:
 
