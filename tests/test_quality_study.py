@@ -4,16 +4,53 @@ picture."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+from triangle.progressive.train import main as train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--batch", "16",
         "--grid-samples", "16", "--num-workers", "0"]
+
+# Variants that spell out a default of their own (kept so that a table can name the setting
+# beside the one it is compared with): the demo's and the --data runs' defaults differ.
+SAME_AS_DEFAULTS = {
+    "demo": {"triangle", "lr-1e-2", "r1-every-4", "rampdown-30", "batch-16"},
+    "data": {"triangle", "lr-1e-3", "r1-0.1-w-e-1", "r1-every-step"},
+}
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("quality_study", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["demo", "data"])
+def test_every_variant_is_a_configuration_of_its_own(kind, eval_data, tmp_path):
+    """Each variant's train.py command, as the study builds it, passes train.py's checks (a dry
+    run, in-process), and changes the defaults unless it is named as spelling one out."""
+    study = load_study()
+    configs = {}
+    for name in study.VARIANTS:
+        cmd = study.train_command(name, 0, tmp_path, eval_data if kind == "data" else None,
+                                  None, None, [])
+        result = CliRunner().invoke(train, [*cmd[2:], "--dry-run"])  # cmd[:2]: python train.py
+        assert result.exit_code == 0, (name, result.output)
+        config = json.loads(result.output[: result.output.index("\n}\n") + 2])
+        assert config["run_dir"] == str(tmp_path / "runs" / f"{name}-s0")
+        configs[name] = {k: v for k, v in config.items() if k != "run_dir"}
+    same = {name for name, config in configs.items() if config == configs["triangle"]}
+    assert same == SAME_AS_DEFAULTS[kind]
 
 
 def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
