@@ -65,17 +65,19 @@ def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
     assert [r["variant"] for r in rows] == ["triangle", "vae"]
     for r in rows:
         assert r["resolution"] == 8 and r["kimg"] == 0.096
-        for key in ("demo_fd", "shapes_recognised", "pixel_fd", "conv_fd", "rec_mse", "rec_mse_best_z",
-                    "rec_shapes"):
+        for key in ("demo_fd", "shapes_recognised", "pixel_fd", "conv_fd", "rec_mse",
+                    "rec_mse_renders", "rec_mse_best_z", "rec_shapes"):
             assert key in r, key
             floor, noise = r.get(f"{key}_floor"), r.get(f"{key}_noise")
             if floor is not None:
                 assert floor < noise, (key, floor, noise)
+        # The same distribution as the held-out split, 2,000 images instead of its 64.
+        assert 0.5 < r["rec_mse_renders"] / r["rec_mse"] < 2, r
     assert "f_gap" in rows[0] and "f_gap" not in rows[1]  # the VAE has no energy
     table = (out / "quality.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| run"))
-    for column in ("demo FD", "shapes", "pixel FD", "conv FD", "rec MSE", "rec MSE, best z",
-                   "rec shapes", "f gap"):
+    for column in ("demo FD", "shapes", "pixel FD", "conv FD", "rec MSE", "rec MSE, 2k renders",
+                   "rec MSE, best z", "rec shapes", "f gap"):
         assert column in header, column
     body = [line for line in table if line.startswith("| triangle") or line.startswith("| vae")]
     assert len(body) == 2 and all(line.count("|") == header.count("|") for line in body)
