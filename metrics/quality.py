@@ -124,5 +124,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         energy = build_network("energy", cfg.network, loaded.stage)
         energy.load_state_dict(Checkpoint.load(path).models["energy"])
         energy = energy.to(device).eval().requires_grad_(False)
-        out |= energy_diagnostics(energy, held_out.to(device), samples.to(device), alpha, seed=seed)
+        # Data as the energy was trained on it (faded mid-fade); the distances above compare
+        # the samples with the data itself.
+        real = fade_images(held_out, alpha).to(device)
+        out |= energy_diagnostics(energy, real, samples.to(device), alpha, seed=seed)
     return out
