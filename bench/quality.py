@@ -92,6 +92,7 @@ VARIANTS: dict[str, list[str]] = {
     "phases-20": ["--fade-kimg", "20", "--stable-kimg", "20", "--total-kimg", "100"],
     "moments-carry": ["--adam-moments", "carry"],
     "grad-clip-0": ["--grad-clip", "0"],
+    "q-head-256": ["--inference-head-width", "256"],  # 4x the demo's 64 (docs/study.md)
 }
 DEFAULT_VARIANTS = ("triangle", "vae", "vae-elbo", "acd", "wake-sleep", "reference")
 # Demo widths and batch for --data runs too: the study compares settings, not network sizes.

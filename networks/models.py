@@ -132,15 +132,17 @@ class _DownBlock(nn.Module):
 
 
 class _EncoderHead(nn.Module):
-    """4x4 features -> conv3x3, dense to C (LeakyReLU after each) -> linear output of ``out``."""
+    """4x4 features -> conv3x3, dense to ``width`` (LeakyReLU after each) -> linear output of
+    ``out``. ``width`` 0: the 4x4 channel count C."""
 
-    def __init__(self, cfg: NetworkConfig, out: int) -> None:
+    def __init__(self, cfg: NetworkConfig, out: int, width: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         c = cfg.channels(4)
+        width = width or c
         self.conv = Conv2d(c, c, 3, cfg)
-        self.dense = Linear(c * 16, c, cfg)
-        self.out = Linear(c, out, cfg, LINEAR_GAIN)
+        self.dense = Linear(c * 16, width, cfg)
+        self.out = Linear(width, out, cfg, LINEAR_GAIN)
 
     def forward(self, h: Tensor) -> Tensor:
         h = _act(self.conv(h), self.cfg)
@@ -156,7 +158,7 @@ class Encoder(_Growable):
     ``h = (1-a)·fromRGB_{R/2}(down(x)) + a·block_R(fromRGB_R(x))``.
     """
 
-    def __init__(self, cfg: NetworkConfig, stage: Stage, out: int) -> None:
+    def __init__(self, cfg: NetworkConfig, stage: Stage, out: int, head_width: int = 0) -> None:
         super().__init__(cfg, stage)
         self.from_rgb = nn.ModuleDict(
             {str(r): Conv2d(3, cfg.channels(r), 1, cfg) for r in stage.rgb_resolutions}
@@ -165,7 +167,7 @@ class Encoder(_Growable):
         self.blocks = nn.ModuleDict(
             {str(r): _DownBlock(cfg, r) for r in reversed(stage.block_resolutions)}
         )
-        self.head = _EncoderHead(cfg, out)
+        self.head = _EncoderHead(cfg, out, head_width)
 
     def features(self, x: Tensor, fade_alpha: float | Tensor = 1.0) -> Tensor:
         r = self.stage.resolution
@@ -216,7 +218,7 @@ class Inference(Encoder):
     kind = "inference"
 
     def __init__(self, cfg: NetworkConfig, stage: Stage) -> None:
-        super().__init__(cfg, stage, out=2 * cfg.latent_dim)
+        super().__init__(cfg, stage, out=2 * cfg.latent_dim, head_width=cfg.inference_head_width)
         self.head.out.weight.data[cfg.latent_dim :].zero_()
 
     def forward(self, x: Tensor, fade_alpha: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:

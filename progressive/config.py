@@ -347,8 +347,14 @@ def check_resume_compatible(saved: dict[str, Any], current: TrainConfig, allow_c
     - anything else but the runtime settings (``RUNTIME_FIELDS``) - max resolution, schedule,
       objective, learning rates, seed, data, precision - is refused unless ``allow_change``
       (``--allow-config-change``): the same command resumes, another one is a new experiment;
+    A field that ``saved`` lacks (added since its checkpoint was written) counts as its default,
+    the behaviour of the version that wrote it.
     Returns the accepted differences, as ``field: old -> new`` strings, for the log.
     """
+    try:
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass  # fields this version does not know: the comparison below names them
     diffs = {k: v for k, v in config_differences(saved, current.to_dict()).items()
              if k not in RUNTIME_FIELDS}
     fixed = [k for k in diffs if k.startswith("network.")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -47,6 +48,14 @@ def test_resume_rules_network_never_schedule_on_request_runtime_always():
     saved = demo_config().to_dict()
     runtime = demo_config().replace(run_dir="elsewhere", num_workers=4, tick_kimg=1.0)
     assert check_resume_compatible(saved, runtime, False, "ckpt") == []
+    # A checkpoint from before a setting existed resumes: it ran with the setting's default.
+    older = {**saved, "network": {k: v for k, v in saved["network"].items()
+                                  if k != "inference_head_width"}}
+    assert check_resume_compatible(older, demo_config(), False, "ckpt") == []
+    wider = demo_config().replace(network=dataclasses.replace(demo_config().network,
+                                                              inference_head_width=256))
+    with pytest.raises(UserError, match=r"network.inference_head_width: 0 -> 256.*other --run-dir"):
+        check_resume_compatible(older, wider, False, "ckpt")
 
     longer = demo_config().replace(seed=1)
     with pytest.raises(UserError, match=r"seed: 0 -> 1.*--allow-config-change"):

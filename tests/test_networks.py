@@ -84,6 +84,22 @@ def test_default_config_widths_and_parameter_counts():
     )
 
 
+def test_inference_head_width_widens_q_alone():
+    cfg = NetworkConfig(latent_dim=16, channel_max=32, inference_head_width=128)
+    e, i = (build_network(kind, cfg, Stage(8, False)) for kind in ("energy", "inference"))
+    narrow = build_network("inference", NetworkConfig(latent_dim=16, channel_max=32), Stage(8, False))
+    conv3 = lambda cin, cout: 9 * cin * cout + cout  # noqa: E731
+    dense = lambda cin, cout: cin * cout + cout  # noqa: E731
+    head = lambda width, out: conv3(32, 32) + dense(32 * 16, width) + dense(width, out)  # noqa: E731
+    assert parameter_count(i) - parameter_count(narrow) == head(128, 32) - head(32, 32)
+    assert parameter_count(e) == parameter_count(build_network("energy", NetworkConfig(
+        latent_dim=16, channel_max=32), Stage(8, False)))  # the energy keeps the channel count
+    mu, logvar = i(torch.randn(5, 3, 8, 8))
+    assert mu.shape == logvar.shape == (5, 16) and torch.equal(logvar, torch.zeros_like(logvar))
+    with pytest.raises(ValueError, match="inference_head_width"):
+        NetworkConfig(inference_head_width=-1)
+
+
 def test_config_round_trips_through_json_and_validates():
     cfg = NetworkConfig(latent_dim=100, init="normal")
     assert NetworkConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
