@@ -52,7 +52,7 @@ class NetworkConfig:
     pixel_norm: bool = True
     # Units of the inference model's hidden dense layer, between its 4x4 features and its 2·d
     # outputs (μ, log σ²); 0: the 4x4 channel count, as the energy's. On the demo 256 instead of
-    # 64 lowered the held-out rec MSE on five seeds (2.6-7.2% on 2,000 renders) and on the
+    # 64 lowered the held-out rec MSE on five seeds (2.6-6.8% on 2,000 renders) and on the
     # photographs (7-11%), but shapes fell to 69% of samples from 71% on average: not the
     # default (docs/study.md, "A lead: a wider head for the inference network").
     inference_head_width: int = 0
