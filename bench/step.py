@@ -1,7 +1,7 @@
 """Speed of one full α+φ+θ iteration, per resolution, against this machine's peak.
 
     python bench/step.py [--max-res 64] [--device cpu|cuda] [--batch B] [--batch-cap TABLE]
-                         [--precision fp32|bf16] [--compile] [--profile] [--schedule]
+                         [--precision fp32|bf16] [--compile] [--profile] [--schedule] [--demo]
 
 For each resolution up to ``--max-res`` (stable stage), prints images/s of one iteration at the
 scheduled per-GPU batch (or ``--batch``), in the schedule's micro-batches (``--batch-cap``
@@ -15,6 +15,9 @@ order). The public reference code runs 3 generator, 4 inference and 3 energy pas
 ``--compile``: the generator and inference networks through ``torch.compile`` (the energy stays
 eager: R1's double backward does not go through compiled graphs). ``--profile``: after the
 timing, the operators that took the most device time over 3 iterations (torch.profiler).
+
+``--demo``: the main job's networks, objective (its lazy R1 included) and batch, 4x4 to 16x16,
+instead of the ``--data`` defaults at ``--channel-max``/``--latent-dim``.
 
 ``--schedule``: the hours of the whole 4 -> ``--max-res`` schedule (PGGAN's 600 kimg per fade
 and per stable phase) on one device, each phase at its resolution's measured images/s.
@@ -30,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from triangle.networks import NetworkConfig, Stage, build_network
+from triangle.progressive.config import demo_config
 from triangle.progressive.objective import ObjectiveConfig
 from triangle.progressive.schedule import ScheduleConfig, batch_sizes, stage_table
 from triangle.progressive.step import TrainModels, TrainOptimizers, TriangleStep
@@ -169,14 +173,22 @@ def profile_table(iteration, device: torch.device, rows: int = 15) -> str:
 @click.option("--profile", is_flag=True, help="Print the top operators of each resolution.")
 @click.option("--schedule", "schedule_hours", is_flag=True,
               help="Also the hours of the whole 4 -> --max-res schedule from these rates.")
+@click.option("--demo", is_flag=True,
+              help="The main job's networks, objective and batch (4x4 to 16x16).")
 def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, precision, strict,
-         seconds, compile_networks, cudnn_benchmark, profile, schedule_hours):
+         seconds, compile_networks, cudnn_benchmark, profile, schedule_hours, demo):
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    max_res = max_res or (1024 if dev.type == "cuda" else 64)
-    channel_max = channel_max or (512 if dev.type == "cuda" else 256)
-    net = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max)
-    schedule_cfg = ScheduleConfig(max_resolution=max_res)
+    if demo:
+        preset = demo_config()
+        net, objective, schedule_cfg = preset.network, preset.objective, preset.schedule
+        max_res = max_res or preset.max_resolution
+        channel_max, latent_dim = net.channel_max, net.latent_dim
+    else:
+        max_res = max_res or (1024 if dev.type == "cuda" else 64)
+        channel_max = channel_max or (512 if dev.type == "cuda" else 256)
+        net, objective = NetworkConfig(latent_dim=latent_dim, channel_max=channel_max), ObjectiveConfig()
+        schedule_cfg = ScheduleConfig(max_resolution=max_res)
     cap = parse_table(batch_cap, "--batch-cap")
     if cap is not None:
         cap = schedule_cfg.per_gpu_batch_cap | (cap if isinstance(cap, dict) else
@@ -188,6 +200,7 @@ def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, pr
         f"CPU, {torch.get_num_threads()} threads"
     click.echo(f"device: {name}; torch {torch.__version__}; {precision}; widths: "
                f"channel_max {channel_max}, latent {latent_dim}"
+               + ("; the demo's networks, objective and batch" if demo else "")
                + ("; generator and inference compiled" if compile_networks else "")
                + ("" if cudnn_benchmark or dev.type != "cuda" else "; cuDNN benchmark off"))
     click.echo(f"peak: {precision} matmul {matmul / 1e9:.1f} GFLOP/s (the 'of peak' column); "
@@ -199,7 +212,7 @@ def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, pr
     while res <= max_res:
         sizes = batch_sizes(schedule_cfg, res)
         b, k = (batch, 1) if batch else (sizes.per_gpu_batch, sizes.accumulation)
-        fused = measure(res, b, net, ObjectiveConfig(), dev, precision, seconds, micro_batches=k,
+        fused = measure(res, b, net, objective, dev, precision, seconds, micro_batches=k,
                         compile_networks=compile_networks, profile=profile)
         rates[res] = b / fused["seconds"]
         rate = fused["flops"] / fused["seconds"]
@@ -209,7 +222,8 @@ def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, pr
                 f"{rate / 1e9:>9.1f} {rate / peak:>7.2f} "
                 f"{p['generator']:>4g}/{p['inference']:g}/{p['energy']:g}".ljust(66))
         if strict:
-            ref = measure(res, b // k, net, ObjectiveConfig(fused=False), dev, precision, seconds)
+            ref = measure(res, b // k, net, dataclasses.replace(objective, fused=False), dev,
+                          precision, seconds)
             q = ref["passes"]
             line += (f" | {b // k / ref['seconds']:>12.1f} {q['generator']:>3g}/{q['inference']:g}/"
                      f"{q['energy']:g} {(b / fused['seconds']) / (b // k / ref['seconds']):>12.2f}")
