@@ -197,6 +197,29 @@ def test_reconstruction_mse_matches_hand_computation(eval_data, eval_run, name):
     assert whole.count == 16
 
 
+def test_quality_energy_diagnostics_see_the_data_faded_as_training_did(eval_data, eval_run):
+    """Mid-fade, the energy was trained on (1-a)·up(down(x)) + a·x: f(data) in the study's scores
+    is its mean over the held-out images faded so, not over the images themselves."""
+    from triangle.metrics.quality import evaluate_checkpoint
+    from triangle.networks import build_network
+    from triangle.progressive.checkpoint import Checkpoint
+
+    loaded = load_checkpoint(eval_run / MID_FADE)
+    a = loaded.fade_alpha
+    assert 0 < a < 1
+    energy = build_network("energy", loaded.config.network, loaded.stage)
+    energy.load_state_dict(Checkpoint.load(eval_run / MID_FADE).models["energy"])
+    ds = MultiResolutionDataset(eval_data, split="test")
+    x = torch.stack([ds[(i, RES, False)].float() / 127.5 - 1 for i in range(len(ds))])
+    blurred = torch.nn.functional.avg_pool2d(x, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    with torch.no_grad():
+        f_faded = energy((1 - a) * blurred + a * x, a).float().mean().item()
+        f_raw = energy(x, a).float().mean().item()
+    assert abs(f_faded - f_raw) > 1e-3  # ten times the tolerance below: the fade tells them apart
+    scores = evaluate_checkpoint(eval_run / MID_FADE, eval_data)
+    assert scores["f_data"] == pytest.approx(f_faded, rel=0, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Latent walks
 
