@@ -506,11 +506,19 @@ def shape_accuracy(net: DemoFeatureNet, resolution: int, count: int = 1000, *, s
     [-1, 1]) before it is classified, e.g. to a model's reconstructions of them."""
     indices = range(first, first + count)
     x = demo_images(indices, resolution, seed, top)
-    truth = torch.tensor([demo_factors(i, seed)["shape"] for i in indices])
-    device = next(net.parameters()).device
-    pred = torch.cat([net.eval()((transform(b) if transform else b).to(device, torch.float32))
-                      .shape_logits.argmax(1).cpu() for b in x.split(256)])
-    return float((pred == truth).float().mean())
+    if transform is not None:
+        x = torch.cat([transform(b).cpu() for b in x.split(256)])
+    return shapes_kept(net, x, indices, seed)
+
+
+def shapes_kept(net: DemoFeatureNet, images: Tensor, indices: Sequence[int], seed: int = 0) -> float:
+    """Fraction of ``images`` (N x 3 x R x R in [-1, 1]: demo images ``indices`` of ``seed``, or
+    images made from them, such as their reconstructions) whose shape ``net`` classifies as the
+    rendered one (argmax over CLASSES: "none" counts as wrong)."""
+    truth = torch.tensor([demo_factors(int(i), seed)["shape"] for i in indices])
+    if len(truth) != len(images):
+        raise ValueError(f"{len(images)} images for {len(truth)} demo indices")
+    return float((demo_outputs(net.eval(), images)[1].argmax(1) == truth).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------

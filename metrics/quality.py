@@ -39,7 +39,7 @@ from ..progressive.checkpoint import Checkpoint
 from ..progressive.diagnostics import energy_diagnostics
 from ..progressive.grids import reconstruct
 from .checkpoint_models import load_checkpoint, resolve_checkpoint
-from .demo_features import DemoReference, demo_images, load_demo_features, shape_accuracy
+from .demo_features import DemoReference, demo_images, load_demo_features, shapes_kept
 from .fid import FeatureStats, RandomConvFeatures, fid_from_stats
 from .reconstruction import best_latent_error, per_image_mse, reconstruction_error
 
@@ -108,18 +108,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     out["rec_mse_best_z"] = best_latent_error(raw.generator, raw.inference, x, alpha)
     if cfg.data is None:
         # Images after the dataset's own (never trained on), faded as training shows them.
-        renders = demo_images(range(cfg.demo_count, cfg.demo_count + RENDERED_HOLDOUT), r,
-                              cfg.seed, top=min(cfg.max_resolution, 64))
-        errors = [per_image_mse(b, reconstruct(raw.generator, raw.inference, b, alpha))
-                  for b in fade_images(renders, alpha).to(device).split(256)]
-        out["rec_mse_renders"] = float(torch.cat(errors).mean())
-        # Shapes through q and g: what the samples can at best learn to show. Fresh renders
-        # (never trained on); held-out reconstructions that lose a shape point at the networks.
-        out["rec_shapes"] = shape_accuracy(
-            load_demo_features(device=device), r, count, seed=cfg.seed, first=cfg.demo_count,
-            top=min(cfg.max_resolution, 64),
-            transform=lambda x: reconstruct(raw.generator, raw.inference,
-                                            fade_images(x.to(device), alpha), alpha).clamp(-1, 1))
+        indices = range(cfg.demo_count, cfg.demo_count + RENDERED_HOLDOUT)
+        renders = fade_images(demo_images(indices, r, cfg.seed, top=min(cfg.max_resolution, 64)),
+                              alpha).to(device)
+        recs = torch.cat([reconstruct(raw.generator, raw.inference, b, alpha) for b in renders.split(256)])
+        out["rec_mse_renders"] = float(per_image_mse(renders, recs).mean())
+        # Shapes through q and g: what the samples can at best learn to show. Held-out
+        # reconstructions that lose a shape point at the networks.
+        n = min(count, RENDERED_HOLDOUT)
+        out["rec_shapes"] = shapes_kept(load_demo_features(device=device), recs[:n].clamp(-1, 1),
+                                        indices[:n], cfg.seed)
     if cfg.objective.terms.energy:
         energy = build_network("energy", cfg.network, loaded.stage)
         energy.load_state_dict(Checkpoint.load(path).models["energy"])
