@@ -16,8 +16,9 @@ order). The public reference code runs 3 generator, 4 inference and 3 energy pas
 eager: R1's double backward does not go through compiled graphs). ``--profile``: after the
 timing, the operators that took the most device time over 3 iterations (torch.profiler).
 
-``--demo``: the main job's networks, objective (its lazy R1 included) and batch, 4x4 to 16x16,
-instead of the ``--data`` defaults at ``--channel-max``/``--latent-dim``.
+``--demo``: the main job's networks, objective (its lazy R1 included) and batch, as train.py
+configures them without ``--data`` (4x4 to 16x16, or to ``--max-res``), instead of the ``--data``
+defaults at ``--channel-max``/``--latent-dim``.
 
 ``--schedule``: the hours of the whole 4 -> ``--max-res`` schedule (PGGAN's 600 kimg per fade
 and per stable phase) on one device, each phase at its resolution's measured images/s.
@@ -33,11 +34,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from triangle.networks import NetworkConfig, Stage, build_network
-from triangle.progressive.config import demo_config
 from triangle.progressive.objective import ObjectiveConfig
 from triangle.progressive.schedule import ScheduleConfig, batch_sizes, stage_table
 from triangle.progressive.step import TrainModels, TrainOptimizers, TriangleStep
-from triangle.progressive.train import parse_table
+from triangle.progressive.train import build_config, parse_table
+from triangle.progressive.train import main as train_command
 
 
 def sync(device: torch.device) -> None:
@@ -174,15 +175,16 @@ def profile_table(iteration, device: torch.device, rows: int = 15) -> str:
 @click.option("--schedule", "schedule_hours", is_flag=True,
               help="Also the hours of the whole 4 -> --max-res schedule from these rates.")
 @click.option("--demo", is_flag=True,
-              help="The main job's networks, objective and batch (4x4 to 16x16).")
+              help="The main job's networks, objective and batch (to 16x16, or --max-res).")
 def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, precision, strict,
          seconds, compile_networks, cudnn_benchmark, profile, schedule_hours, demo):
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    if demo:
-        preset = demo_config()
+    if demo:  # train.py's own configuration of the demo, grown to --max-res if given
+        args = ["--max-res", str(max_res)] if max_res else []
+        preset, _ = build_config(train_command.make_context("train", args).params)
         net, objective, schedule_cfg = preset.network, preset.objective, preset.schedule
-        max_res = max_res or preset.max_resolution
+        max_res = preset.max_resolution
         channel_max, latent_dim = net.channel_max, net.latent_dim
     else:
         max_res = max_res or (1024 if dev.type == "cuda" else 64)
