@@ -181,8 +181,16 @@ def main(max_res, min_res, device, batch, batch_cap, channel_max, latent_dim, pr
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if demo:  # train.py's own configuration of the demo, grown to --max-res if given
+        ctx = click.get_current_context()
+        for name in ("channel_max", "latent_dim"):
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--demo times the demo's own widths: drop "
+                                       f"--{name.replace('_', '-')}")
         args = ["--max-res", str(max_res)] if max_res else []
-        preset, _ = build_config(train_command.make_context("train", args).params)
+        try:
+            preset, _ = build_config(train_command.make_context("step.py", args).params)
+        except click.ClickException as exc:
+            raise click.UsageError(exc.format_message()) from None
         net, objective, schedule_cfg = preset.network, preset.objective, preset.schedule
         max_res = preset.max_resolution
         channel_max, latent_dim = net.channel_max, net.latent_dim
