@@ -46,7 +46,7 @@ from triangle.progressive.config import (
 from triangle.progressive.memory import stage_memory
 from triangle.progressive.objective import KL_REDUCTIONS, TERMS
 from triangle.progressive.preemption import PREEMPTED_EXIT_CODE, Preempted
-from triangle.progressive.schedule import format_stage_table, stage_table
+from triangle.progressive.schedule import format_stage_table, phase_boundaries, stage_table
 from triangle.progressive.training_loop import DebugOptions, training_loop
 from triangle.resolutions import is_resolution, resolutions
 
@@ -56,7 +56,7 @@ FULL = TrainConfig()
 
 def _power_of_two(ctx, param, value):
     if value is not None and not is_resolution(value):
-        raise click.BadParameter(f"{value} is not a power of two >= 4 (4, 8, ..., 1024)")
+        raise click.BadParameter(f"{value} is not a power of two >= 4 (4, 8, 16, ...)")
     return value
 
 
@@ -307,6 +307,19 @@ def build_config(o: dict) -> tuple[TrainConfig, object]:
     return TrainConfig.from_dict(unflatten(values)), meta
 
 
+def check_preset_end(cfg: TrainConfig, o: dict) -> None:
+    """The demo's end (160 kimg) was chosen for its own 16x16: a --max-res it stops before the top
+    stable phase of is a mistake, not a request (an explicit --total-kimg may end anywhere)."""
+    if o["total_kimg"] is not None or cfg.schedule.total_kimg is None:
+        return
+    top_start = phase_boundaries(cfg.schedule)[-1][1] / 1000
+    if cfg.schedule.total_kimg <= top_start:
+        res = cfg.max_resolution
+        raise click.BadParameter(
+            f"the demo's {cfg.schedule.total_kimg:g} kimg end before the {res}x{res} stable phase "
+            f"(from {top_start:g} kimg): pass --total-kimg above {top_start:g}", param_hint="--max-res")
+
+
 def sample_scorer(cfg: TrainConfig):
     """What ``training_loop`` scores the samples with every tick: for the built-in demo (no
     --data) its own feature network (metrics/demo_features.py), else nothing."""
@@ -358,6 +371,7 @@ def main(**o) -> None:
         cfg, meta = build_config(o)
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc).splitlines()[0]) from None
+    check_preset_end(cfg, o)
     if cfg.tensorboard and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
         raise click.BadParameter("needs the tensorboard package (pip install tensorboard)",
                                  param_hint="--tensorboard")

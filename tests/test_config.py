@@ -213,6 +213,9 @@ def test_the_demo_is_the_default():
     (["--data", "{data}", "--demo-count", "500"], "Invalid value for --demo-count: it sizes the built-in demo dataset"),
     (["--data", "{data}", "--demo-holdout", "8"], "Invalid value for --demo-holdout: it sizes the built-in demo dataset"),
     (["--gpu-batch-cap", "8", "--strict"], "needs gradient accumulation on 1 process(es)"),
+    (["--max-res", "2048"], "the demo's 160 kimg end before the 2048x2048 stable phase (from 180 kimg): "
+                            "pass --total-kimg above 180"),
+    (["--max-res", "1024"], "pass --total-kimg above 160"),
 ])
 def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, data=data) for a in args]
@@ -220,6 +223,15 @@ def test_bad_settings_are_one_line_errors(data, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert sum(line.startswith("Error") for line in result.output.splitlines()) == 1
+
+
+def test_the_demo_grows_past_its_own_resolution_while_its_end_allows():
+    """The demo's 160 kimg extend the top stable phase up to 512x512; beyond, --total-kimg must."""
+    for args in (["--max-res", "512"], ["--max-res", "1024", "--total-kimg", "200"]):
+        cfg, _ = build_config(main.make_context("train", list(args)).params)  # click takes the list
+        assert cfg.max_resolution == int(args[1]) and cfg.schedule.total_kimg in (160, 200)
+    result = invoke("--max-res", "1024", "--total-kimg", "155", "--dry-run")  # the user's choice
+    assert result.exit_code == 0 and result.output.splitlines()[-2].split()[:2] == ["1024", "fade"]
 
 
 def test_fp16_is_refused_with_one_line():
