@@ -7,8 +7,9 @@ seed settings. ``train.py`` builds it from the command line, writes it as
 checkpoint carries it too, so a resume can tell whether the command still describes the run.
 
 Two presets: ``demo_config()`` (no ``--data``: the built-in procedural dataset, tiny networks and
-a schedule that finishes in about five minutes on a 2-core CPU) and the paper's defaults (the
-dataclass defaults: PGGAN's 600k+600k images per phase, 512-d latent, widths up to 512).
+a schedule sized for about five minutes on a fast 2-core CPU: 5-9 with AVX512-BF16, ~21 without)
+and the paper's defaults (the dataclass defaults: PGGAN's 600k+600k images per phase, 512-d
+latent, widths up to 512).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class TrainConfig:
 
 
 def demo_config() -> TrainConfig:
-    """The embedded default: the demo dataset at 16x16, small networks, ~5 minutes on 2 CPU cores.
+    """The embedded default: the demo dataset at 16x16, small networks, 5-21 minutes on 2 CPU cores.
 
     64 channels up to 8x8 and 32 at 16x16, a 32-d latent, batch 16, bf16 autocast where the CPU
     has it, 10 kimg per phase up to the fade into 16x16, then a stable 16x16 phase to 160 kimg,

@@ -1,7 +1,7 @@
 """Train the divergence triangle, growing from 4x4 to --max-res (the main user command).
 
     accelerate launch progressive/train.py --data celebahq.lmdb --max-res 1024
-    python progressive/train.py                      # the built-in demo, ~5 minutes on a CPU
+    python progressive/train.py                      # the built-in demo, 5-21 minutes on a 2-core CPU
 
 Each option sets one ``TrainConfig`` field and is named once, in ``SETTINGS``: its flag is the
 field's name (``checkpoint_kimg`` -> ``--checkpoint-kimg``; earlier spellings such as
@@ -358,8 +358,8 @@ def _is_main_rank() -> bool:
 def main(**o) -> None:
     """Train the divergence triangle progressively from 4x4 to --max-res.
 
-    Without --data: the built-in demo (16x16, ~5 minutes on a 2-core CPU with AVX-512, ~20
-    without). Re-running the same command resumes from the run directory's latest checkpoint.
+    Without --data: the built-in demo (16x16, 5-9 minutes on a 2-core CPU with AVX512-BF16,
+    ~21 without). Re-running the same command resumes from the run directory's latest checkpoint.
     Multi-GPU and multi-node: start it with `accelerate launch` (see the README).
     """
     debug = DebugOptions(nan_at_kimg=o.pop("debug_nan_at_kimg"), nan_rank=o.pop("debug_nan_rank"),
