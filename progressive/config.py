@@ -7,7 +7,7 @@ seed settings. ``train.py`` builds it from the command line, writes it as
 checkpoint carries it too, so a resume can tell whether the command still describes the run.
 
 Two presets: ``demo_config()`` (no ``--data``: the built-in procedural dataset, tiny networks and
-a schedule sized for about five minutes on a fast 2-core CPU: 5-9 with AVX512-BF16, ~21 without)
+a schedule of 5-10 minutes on a 2-core CPU with AVX512-BF16, ~21 without)
 and the paper's defaults (the dataclass defaults: PGGAN's 600k+600k images per phase, 512-d
 latent, widths up to 512).
 """

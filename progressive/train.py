@@ -358,7 +358,7 @@ def _is_main_rank() -> bool:
 def main(**o) -> None:
     """Train the divergence triangle progressively from 4x4 to --max-res.
 
-    Without --data: the built-in demo (16x16, 5-9 minutes on a 2-core CPU with AVX512-BF16,
+    Without --data: the built-in demo (16x16, 5-10 minutes on a 2-core CPU with AVX512-BF16,
     ~21 without). Re-running the same command resumes from the run directory's latest checkpoint.
     Multi-GPU and multi-node: start it with `accelerate launch` (see the README).
     """
