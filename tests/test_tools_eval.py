@@ -94,6 +94,31 @@ def test_fid_tool_on_two_ranks_equals_one_process(eval_run, eval_data, tmp_path,
     assert len(list((tmp_path / "two").glob("fid-train-8-144-*.npz"))) == 1  # one writer
 
 
+def test_a_demo_runs_floor_comes_from_as_many_fresh_renders_as_samples(tmp_path):
+    """A Fréchet distance from N images is biased upwards by ~1/N: the floor printed beside a
+    demo run's demo FD must come from as many images as the samples (fresh renders: its test
+    split has 8), so it falls as --num-samples grows, as the samples' own distance does."""
+    from triangle.progressive.train import main as train
+
+    run_dir = tmp_path / "demo"
+    result = CliRunner().invoke(train, [
+        "--run-dir", str(run_dir), "--demo-count", "200", "--demo-holdout", "8", "--max-res", "8",
+        "--total-kimg", "0.096", "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16", "--latent-dim", "8",
+        "--channel-base", "64", "--channel-max", "16", "--num-workers", "0", "--grid-samples", "16",
+        "--mixed-precision", "no"])  # the demo's "auto" would clash with this process's Accelerate state
+    assert result.exit_code == 0, result.output
+    floors = {}
+    for n in (32, 256):
+        result = invoke("fid", [run_dir, "--features", "demo", "--metrics", "fid", "--num-samples", n,
+                                "--batch", 64, "--workers", 0])
+        assert result.exit_code == 0, result.output
+        record = json.loads((run_dir / "metrics-fid.jsonl").read_text().splitlines()[-1])
+        assert record["num_samples"] == n and record["num_real"] == 192
+        floors[n] = record["demo_fd_floor"]
+        assert 0 < floors[n] < record["demo_fd_noise"] / 10
+    assert floors[256] < 0.7 * floors[32], floors
+
+
 def test_the_inception_score_alone_reads_no_data(eval_run, tmp_path):
     result = invoke("fid", [eval_run, "--features", "demo", "--metrics", "is", "--num-samples", 20,
                             "--batch", 10, "--workers", 0, "--data", tmp_path / "no-such.lmdb"])

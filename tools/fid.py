@@ -16,8 +16,9 @@ with 10k samples.
 ``--features demo`` (runs on the built-in demo dataset) measures in the features of the demo
 feature network shipped with the package (metrics/demo_features.py; no download) and also
 prints the fraction of samples whose shape it recognises, and the two references computed the
-same way: the floor (held-out real images against the same statistics: what a perfect generator
-scores) and uniform noise.
+same way: the floor (as many real images as samples that the statistics do not hold, against
+them: what a perfect generator scores; for a demo run, fresh renders of its renderer) and
+uniform noise.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from triangle.datasets import SHAPES, MultiResolutionDataset, read_metadata
-from triangle.metrics.demo_features import DemoFeatures, DemoQuality, DemoReference
+from triangle.metrics.demo_features import DemoFeatures, DemoQuality, DemoReference, demo_images
 from triangle.metrics.fid import (
     INCEPTION_FILE,
     METRICS,
@@ -57,14 +58,21 @@ FEATURES = ("inception", "demo", "random-conv")
 def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_samples: int,
                   num_real: int | None, batch: int, device, cache: Path, seed: int) -> DemoQuality:
     """The same samples (same z) scored by the demo network against the same data statistics,
-    with the floor measured on as many real images of the other split (none for --split all)
-    and the noise on as many uniform noise images."""
+    with the noise on as many uniform noise images and the floor on as many real images that
+    are not in those statistics: for a demo run on its own dataset, fresh renders of the same
+    renderer and seed; otherwise the other split's images, at most as many as it has (none for
+    --split all). A Fréchet distance from N images is biased upwards by about 1/N, so only a
+    floor from as many images as the samples is the score of a perfect generator."""
     res = loaded.resolution
     real, _, _ = data_statistics(data, res, features, split=split, count=num_real, batch=batch,
                                  cache_dir=cache)  # the cache fid_of_generator wrote
     other = {"train": "test", "test": "train"}.get(split)
-    floor = None
-    if other is not None and (other == "train" or read_metadata(data).test_indices):
+    cfg, floor = loaded.config, None
+    own_demo = cfg.data is None and Path(data).resolve() == (loaded.run_dir / _cli.DEMO_DATA).resolve()
+    if own_demo:  # images after the dataset's own: in neither split
+        top = min(read_metadata(data).max_resolution, 64)
+        floor = demo_images(range(cfg.demo_count, cfg.demo_count + num_samples), res, cfg.seed, top)
+    elif other is not None and (other == "train" or read_metadata(data).test_indices):
         ds = MultiResolutionDataset(data, split=other)
         count = min(num_samples, len(ds))
         floor = torch.stack([ds.image(i, res, as_float=True) for i in range(count)])
