@@ -537,7 +537,9 @@ class DemoQuality:
     shape_fractions: tuple[float, ...]
     none_fraction: float  # fraction of samples whose argmax is "none" (no recognisable shape)
     count: int  # samples scored
-    floor: float | None  # FD of training images to the same held-out statistics (None: none given)
+    # FD of real images not in the held-out statistics (training images, fresh renders) to them;
+    # None: none given.
+    floor: float | None
     noise: float  # FD of uniform noise images to the same statistics
     # shapes_recognised of real images (the training images, else the held-out ones): the ceiling
     # a perfect generator reaches; None when the reference was given as statistics only.
@@ -573,9 +575,9 @@ class DemoReference:
 
     ``reference``: held-out images (N x 3 x R x R in [-1, 1]; several hundred, more than
     FEATURE_DIM, keep the covariance well conditioned) or their precomputed FeatureStats.
-    ``training``: training images (M x 3 x R x R in [-1, 1]), for ``floor`` = FD(training vs
-    held-out): the distance of a perfect generator, pure sampling noise; use as many as the
-    samples you will score. ``noise`` = FD of as many (``noise_count``, default the training
+    ``training``: training images (M x 3 x R x R in [-1, 1], or an iterable of such batches with
+    ``resolution`` given), for ``floor`` = FD(training vs held-out): the distance of a perfect
+    generator, pure sampling noise; use as many as the samples you will score. ``noise`` = FD of as many (``noise_count``, default the training
     images' or the reference's count) uniform noise images in [-1, 1] (seeded by ``seed``) to
     the held-out statistics. ``net``: default the shipped weights (:func:`load_demo_features`);
     images may live on any device, they are moved to ``net``'s. ``resolution`` is needed only
@@ -608,7 +610,7 @@ class DemoReference:
             features, probs = demo_outputs(self.net, training)
             self.floor = fid_from_stats(FeatureStats.of(features), self.stats)
             self.data_recognised = self._recognised(probs)
-            resolution = training.shape[-1]
+            resolution = training.shape[-1] if isinstance(training, Tensor) else resolution
         if resolution is None:
             raise ValueError("DemoReference: give reference or floor images, or the resolution")
         n = noise_count or (len(training) if training is not None else self.stats.count)

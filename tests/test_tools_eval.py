@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from triangle.metrics.checkpoint_models import load_checkpoint
-from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures
+from triangle.metrics.demo_features import DemoFeatures, DemoReference, demo_images
+from triangle.metrics.fid import INCEPTION_FILE, InceptionFeatures, data_statistics
 from triangle.metrics.reconstruction import reconstruction_error
 from triangle.progressive.checkpoint import Checkpoint
 from triangle.progressive.curves import panels_for
@@ -117,6 +118,11 @@ def test_a_demo_runs_floor_comes_from_as_many_fresh_renders_as_samples(tmp_path)
         floors[n] = record["demo_fd_floor"]
         assert 0 < floors[n] < record["demo_fd_noise"] / 10
     assert floors[256] < 0.7 * floors[32], floors
+    # and from the renders after the dataset's 200 (seed 0, rendered at 8x8): in neither split
+    features = DemoFeatures()
+    stats, _, _ = data_statistics(run_dir / "demo.lmdb", RES, features, cache_dir=tmp_path / "stats")
+    renders = demo_images(range(200, 232), RES, seed=0, top=RES)
+    assert floors[32] == pytest.approx(DemoReference(stats, renders, features.net).floor, rel=1e-6)
 
 
 def test_the_inception_score_alone_reads_no_data(eval_run, tmp_path):

@@ -16,9 +16,9 @@ with 10k samples.
 ``--features demo`` (runs on the built-in demo dataset) measures in the features of the demo
 feature network shipped with the package (metrics/demo_features.py; no download) and also
 prints the fraction of samples whose shape it recognises, and the two references computed the
-same way: the floor (as many real images as samples that the statistics do not hold, against
-them: what a perfect generator scores; for a demo run, fresh renders of its renderer) and
-uniform noise.
+same way: the floor (real images that the statistics do not hold, against them: what a
+perfect generator scores; for a demo run as many fresh renders of its renderer as samples,
+else the other split's images, at most as many) and uniform noise.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also 
 import _cli  # noqa: E402
 
 FEATURES = ("inception", "demo", "random-conv")
+FLOOR_BATCH = 512  # fresh demo renders made and scored at once for a demo run's floor
 
 
 def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_samples: int,
@@ -70,8 +71,12 @@ def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_
     cfg, floor = loaded.config, None
     own_demo = cfg.data is None and Path(data).resolve() == (loaded.run_dir / _cli.DEMO_DATA).resolve()
     if own_demo:  # images after the dataset's own: in neither split
+        # Rendered as the LMDB's levels are up to 64 (above, they are JPEG: close, not equal),
+        # a batch at a time: 10,000 images at 256x256 would be 8 GB at once.
         top = min(read_metadata(data).max_resolution, 64)
-        floor = demo_images(range(cfg.demo_count, cfg.demo_count + num_samples), res, cfg.seed, top)
+        end = cfg.demo_count + num_samples
+        floor = (demo_images(range(i, min(i + FLOOR_BATCH, end)), res, cfg.seed, top)
+                 for i in range(cfg.demo_count, end, FLOOR_BATCH))
     elif other is not None and (other == "train" or read_metadata(data).test_indices):
         ds = MultiResolutionDataset(data, split=other)
         count = min(num_samples, len(ds))
