@@ -58,6 +58,7 @@ from .fid import FeatureStats, FIDError, fid_from_stats
 WEIGHTS_FILE = Path(__file__).with_name("demo_features.pt")
 REBUILD_COMMAND = "python tools/train_demo_features.py"
 INTERNAL_SIZE = 32  # every input is resized to this before the first convolution
+SCORE_BATCH = 512  # images through the network at once (and noise or renders made at once)
 # 64: small enough that the Fréchet distance (two 64 x 64 eigendecompositions) costs nothing
 # beside the forward pass, and the training loop scores every tick.
 FEATURE_DIM = 64
@@ -556,7 +557,7 @@ class DemoQuality:
 
 @torch.no_grad()
 def demo_outputs(net: DemoFeatureNet, images: Tensor | Iterable[Tensor],
-                 batch: int = 512) -> tuple[np.ndarray, Tensor]:
+                 batch: int = SCORE_BATCH) -> tuple[np.ndarray, Tensor]:
     """``images`` (N x 3 x R x R in [-1, 1], any device; or an iterable of such batches, so
     that a generator's samples need not all be in memory at once) -> (features N x D float32
     numpy, class probabilities N x 5 over CLASSES on the CPU), computed on ``net``'s device."""
@@ -615,13 +616,18 @@ class DemoReference:
             raise ValueError("DemoReference: give reference or floor images, or the resolution")
         n = noise_count or (len(training) if training is not None else self.stats.count)
         gen = torch.Generator().manual_seed(seed)
-        self.noise = self.distance(torch.rand(n, 3, resolution, resolution, generator=gen) * 2 - 1)
+        # Drawn a batch at a time (10,000 noise images of 256x256 would be 8 GB at once): the
+        # same generator in sequence gives the same values as one draw.
+        self.noise = self.distance(
+            torch.rand(min(SCORE_BATCH, n - i), 3, resolution, resolution, generator=gen) * 2 - 1
+            for i in range(0, n, SCORE_BATCH))
 
     def _recognised(self, probs: Tensor) -> float:
         return _recognised(probs, self.confidence)
 
-    def distance(self, images: Tensor) -> float:
-        """FD of ``images`` (N >= 2, in [-1, 1]) to the held-out statistics."""
+    def distance(self, images: Tensor | Iterable[Tensor]) -> float:
+        """FD of ``images`` (N >= 2, in [-1, 1]; or an iterable of such batches) to the held-out
+        statistics."""
         return fid_from_stats(FeatureStats.of(demo_outputs(self.net, images)[0]), self.stats)
 
     def score(self, samples: Tensor | Iterable[Tensor]) -> DemoQuality:

@@ -36,7 +36,13 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from triangle.datasets import SHAPES, MultiResolutionDataset, read_metadata
-from triangle.metrics.demo_features import DemoFeatures, DemoQuality, DemoReference, demo_images
+from triangle.metrics.demo_features import (
+    SCORE_BATCH,
+    DemoFeatures,
+    DemoQuality,
+    DemoReference,
+    demo_images,
+)
 from triangle.metrics.fid import (
     INCEPTION_FILE,
     METRICS,
@@ -53,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_cli.py, also 
 import _cli  # noqa: E402
 
 FEATURES = ("inception", "demo", "random-conv")
-FLOOR_BATCH = 512  # fresh demo renders made and scored at once for a demo run's floor
 
 
 def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_samples: int,
@@ -75,8 +80,8 @@ def _demo_quality(loaded, data: str, features: DemoFeatures, *, split: str, num_
         # a batch at a time: 10,000 images at 256x256 would be 8 GB at once.
         top = min(read_metadata(data).max_resolution, 64)
         end = cfg.demo_count + num_samples
-        floor = (demo_images(range(i, min(i + FLOOR_BATCH, end)), res, cfg.seed, top)
-                 for i in range(cfg.demo_count, end, FLOOR_BATCH))
+        floor = (demo_images(range(i, min(i + SCORE_BATCH, end)), res, cfg.seed, top)
+                 for i in range(cfg.demo_count, end, SCORE_BATCH))
     elif other is not None and (other == "train" or read_metadata(data).test_indices):
         ds = MultiResolutionDataset(data, split=other)
         count = min(num_samples, len(ds))
