@@ -578,9 +578,9 @@ class DemoReference:
     FEATURE_DIM, keep the covariance well conditioned) or their precomputed FeatureStats.
     ``training``: training images (M x 3 x R x R in [-1, 1], or an iterable of such batches with
     ``resolution`` given), for ``floor`` = FD(training vs held-out): the distance of a perfect
-    generator, pure sampling noise; use as many as the samples you will score. ``noise`` = FD of as many (``noise_count``, default the training
-    images' or the reference's count) uniform noise images in [-1, 1] (seeded by ``seed``) to
-    the held-out statistics. ``net``: default the shipped weights (:func:`load_demo_features`);
+    generator, pure sampling noise; use as many as the samples you will score. ``noise`` = FD
+    of as many (``noise_count``, default the training images' or the reference's count)
+    uniform noise images in [-1, 1] (seeded by ``seed``) to the held-out statistics. ``net``: default the shipped weights (:func:`load_demo_features`);
     images may live on any device, they are moved to ``net``'s. ``resolution`` is needed only
     when neither image tensor is given. ``confidence``: the probability the classifier must
     give a shape (its argmax, not "none") for a sample to count in ``shapes_recognised``.
@@ -614,7 +614,7 @@ class DemoReference:
             resolution = training.shape[-1] if isinstance(training, Tensor) else resolution
         if resolution is None:
             raise ValueError("DemoReference: give reference or floor images, or the resolution")
-        n = noise_count or (len(training) if training is not None else self.stats.count)
+        n = noise_count or (len(probs) if training is not None else self.stats.count)
         gen = torch.Generator().manual_seed(seed)
         # Drawn a batch at a time (10,000 noise images of 256x256 would be 8 GB at once): the
         # same generator in sequence gives the same values as one draw.

@@ -104,9 +104,10 @@ def test_a_demo_runs_floor_comes_from_as_many_fresh_renders_as_samples(tmp_path)
     run_dir = tmp_path / "demo"
     result = CliRunner().invoke(train, [
         "--run-dir", str(run_dir), "--demo-count", "200", "--demo-holdout", "8", "--max-res", "8",
-        "--total-kimg", "0.096", "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16", "--latent-dim", "8",
-        "--channel-base", "64", "--channel-max", "16", "--num-workers", "0", "--grid-samples", "16",
-        "--mixed-precision", "no"])  # the demo's "auto" would clash with this process's Accelerate state
+        "--total-kimg", "0.096", "--fade-kimg", "0.032", "--stable-kimg", "0.032",
+        "--batch", "16", "--latent-dim", "8", "--channel-base", "64", "--channel-max", "16",
+        "--num-workers", "0", "--grid-samples", "16",
+        "--mixed-precision", "no"])  # the demo's "auto" would clash with this process's Accelerate
     assert result.exit_code == 0, result.output
     floors = {}
     for n in (32, 256):
@@ -123,6 +124,10 @@ def test_a_demo_runs_floor_comes_from_as_many_fresh_renders_as_samples(tmp_path)
     stats, _, _ = data_statistics(run_dir / "demo.lmdb", RES, features, cache_dir=tmp_path / "stats")
     renders = demo_images(range(200, 232), RES, seed=0, top=RES)
     assert floors[32] == pytest.approx(DemoReference(stats, renders, features.net).floor, rel=1e-6)
+    # batches of renders give the floor (to float rounding) and the noise of one tensor of them
+    batches = DemoReference(stats, iter(renders.split(10)), features.net, resolution=RES)
+    whole = DemoReference(stats, renders, features.net)
+    assert batches.floor == pytest.approx(whole.floor, rel=1e-6) and batches.noise == whole.noise
 
 
 def test_the_inception_score_alone_reads_no_data(eval_run, tmp_path):
