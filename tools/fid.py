@@ -125,8 +125,9 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 @click.option("--extractor", type=click.Choice(FEATURES), default=None, hidden=True)  # old name
 @_cli.device_option
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Workers resizing images to 299 (DataLoader processes for the data, threads for samples).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Workers resizing images to 299 (DataLoader processes for the data, threads for "
+                   "samples).  [default: 4, at most the CPU count]")
 @click.option("--ema/--raw", default=True, show_default=True, help="EMA or raw generator weights.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled z.")
 @click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
@@ -135,6 +136,8 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
          extractor, device, batch, workers, ema, seed, stats_dir):
     """FID, KID and IS of RUN_DIR_OR_CHECKPOINT's generator (a run dir: its newest checkpoint)."""
     features_name = features_name or extractor or "inception"
+    # More DataLoader processes than cores only slow the run down (and torch warns about it).
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
     metrics = tuple(m.strip() for m in metrics_list.split(",") if m.strip())
     if not metrics or set(metrics) - set(METRICS):
         raise click.BadParameter(f"{metrics_list!r}: give some of {', '.join(METRICS)}",
