@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -245,6 +246,20 @@ def test_missing_inception_in_a_real_process(eval_run, eval_data, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("Error: Inception weights not found") and "--inception PATH" in proc.stderr
     assert INCEPTION_FILE in proc.stderr and "https://" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_fid_tools_default_workers_fit_the_usable_cpus(eval_run, eval_data, tmp_path):
+    """Pinned to one CPU, the default --workers starts no more DataLoader processes than that:
+    torch warns about "excessive worker creation" otherwise (4 workers, the old default)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fid.py"), str(eval_run), "--data", eval_data,
+                           "--features", "random-conv", "--num-samples", "8", "--batch", "8",
+                           "--stats-dir", str(tmp_path / "stats")],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert proc.returncode == 0, proc.stderr
+    assert "written to" in proc.stdout  # the data statistics were computed, through the workers
+    assert "worker" not in proc.stderr, proc.stderr
 
 
 class _StandInLayers(torch.nn.Module):

@@ -2,7 +2,7 @@
 
     python tools/fid.py RUN_DIR_OR_CHECKPOINT --data LMDB [--metrics fid,kid,is]
         [--num-samples 10000] [--split train] [--features inception|demo|random-conv]
-        [--inception PATH] [--device cuda] [--batch 64] [--workers 4] [--ema/--raw]
+        [--inception PATH] [--device cuda] [--batch 64] [--workers N] [--ema/--raw]
     accelerate launch --num_processes 8 tools/fid.py RUN_DIR ...   # the same numbers, 8x faster
 
 Samples the (EMA) generator at its checkpoint's resolution, compares them with the data at that
@@ -127,7 +127,7 @@ def _stats_dir(data: str, run_dir: Path, given: Path | None) -> Path:
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Workers resizing images to 299 (DataLoader processes for the data, threads for "
-                   "samples).  [default: 4, at most the CPU count]")
+                   "samples).  [default: 4, at most the usable CPUs]")
 @click.option("--ema/--raw", default=True, show_default=True, help="EMA or raw generator weights.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled z.")
 @click.option("--stats-dir", type=click.Path(path_type=Path), default=None,
@@ -136,8 +136,12 @@ def main(checkpoint, data, metrics_list, num_samples, split, num_real, inception
          extractor, device, batch, workers, ema, seed, stats_dir):
     """FID, KID and IS of RUN_DIR_OR_CHECKPOINT's generator (a run dir: its newest checkpoint)."""
     features_name = features_name or extractor or "inception"
-    # More DataLoader processes than cores only slow the run down (and torch warns about it).
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    # More DataLoader processes than usable cores only slow the run down (torch warns about it,
+    # counting the cores this process may run on, as here).
+    if workers is None:
+        usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+        workers = min(4, usable)
     metrics = tuple(m.strip() for m in metrics_list.split(",") if m.strip())
     if not metrics or set(metrics) - set(METRICS):
         raise click.BadParameter(f"{metrics_list!r}: give some of {', '.join(METRICS)}",
