@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,21 @@ def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
     assert len(body) == 2 and all(line.count("|") == header.count("|") for line in body)
     picture = Image.open(out / "quality.png")
     assert picture.height >= 3 * 8  # held-out row + one row per run
+
+
+@pytest.mark.slow  # six toy trainings and their scoring: ~45 s on two cores
+def test_the_gpu_study_script_runs_its_pipeline_at_toy_size(tmp_path):
+    """bench/gpu_quality.sh is run only on a lent GPU, minutes at a time: its options must still
+    be the trainer's and the study's. QUALITY_SMOKE=1 runs the same command at toy size."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "QUALITY_SMOKE": "1", "STUDY_DIR": str(tmp_path / "study")}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_quality.sh"), str(out)], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (out / "quality.md").read_text()
+    runs = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "(seed" in line]
+    assert runs == [f"| {v} (seed 0)" for v in
+                    ("triangle", "vae", "vae-elbo", "acd", "wake-sleep", "reference")], table
+    assert Image.open(out / "quality.png").size[0] > 0
+    assert (out / "run-tails.txt").read_text().count("sample quality:") == 6
