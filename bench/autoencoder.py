@@ -39,6 +39,7 @@ from triangle.metrics.demo_features import (
     load_demo_features,
     shapes_kept,
 )
+from triangle.metrics.fid import FIDError
 from triangle.networks import Stage, build_network
 from triangle.progressive.config import TrainConfig, demo_config, resolve_precision
 from triangle.progressive.objective import sum_squared_error
@@ -158,7 +159,10 @@ def main(kimg: float, variants: str, seed: int, threads: int | None) -> None:
     test_indices = range(demo.demo_count, demo.demo_count + HELD_OUT)
     renders = Renders(demo_images(range(demo.demo_count - demo.demo_holdout), RESOLUTION, seed, top=RESOLUTION),
                       demo_images(test_indices, RESOLUTION, seed, top=RESOLUTION), test_indices)
-    features = load_demo_features()
+    try:
+        features = load_demo_features()
+    except FIDError as exc:  # weights missing from the install: its message says how to rebuild
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{len(renders.train)} training images, {HELD_OUT} fresh renders (shapes named in "
                f"{shapes_kept(features, renders.test, test_indices, seed):.1%} of them), "
                f"{RESOLUTION}x{RESOLUTION}, {kimg:g} kimg per variant, "
