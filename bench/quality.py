@@ -65,7 +65,9 @@ VARIANTS: dict[str, list[str]] = {
     "kl-sum-w0.0625": ["--kl-reduction", "sum", "--w-kl", "0.0625"],
     "lr-e-3e-4": ["--lr-energy", "3e-4"],
     "lr-1e-3": ["--lr-generator", "1e-3", "--lr-inference", "1e-3", "--lr-energy", "1e-3"],
+    # Every rate at 1e-2: the demo before its generator's 2e-2.
     "lr-1e-2": ["--lr-generator", "1e-2", "--lr-inference", "1e-2", "--lr-energy", "1e-2"],
+    "lr-g-2e-2": ["--lr-generator", "2e-2"],
     "no-level": ["--w-level", "0"],
     "logvar-floor-30": ["--logvar-min", "-30"],
     "latent-16": ["--latent-dim", "16"],

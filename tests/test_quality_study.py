@@ -24,7 +24,7 @@ TINY = ["--latent-dim", "8", "--channel-base", "64", "--channel-max", "16", "--b
 # Variants that spell out a default of their own (kept so that a table can name the setting
 # beside the one it is compared with): the demo's and the --data runs' defaults differ.
 SAME_AS_DEFAULTS = {
-    "demo": {"triangle", "lr-1e-2", "r1-every-4", "rampdown-30", "batch-16"},
+    "demo": {"triangle", "lr-g-2e-2", "r1-every-4", "rampdown-30", "batch-16"},
     "data": {"triangle", "lr-1e-3", "r1-0.1-w-e-1", "r1-every-step"},
 }
 
