@@ -3,7 +3,7 @@
 ``plot_curves(records, path)`` draws every quantity the records hold (the energy on data,
 samples and noise; reconstruction error; KL; latent NLL; gradient norms; images/s; the demo's
 sample quality where logged), with the fade phases shaded and a line at every stage start.
-The trainer refreshes ``RUN_DIR/latest-curves.png`` at every tick (at most once in 10 s,
+The trainer refreshes ``RUN_DIR/latest-curves.png`` at every tick (at most once a minute,
 and at the end); ``tools/plot.py`` draws any run's. matplotlib (Agg, no display) is imported
 on first use.
 """
