@@ -258,7 +258,8 @@ def demo_config() -> TrainConfig:
             # kimg (seeds 0 / 1) shapes 61 / 52% -> 64 / 55%. On the photographs with the
             # demo's settings (seeds 0 / 1) pixel FD 1.56 / 2.15 -> 1.68 / 1.85, rec MSE
             # 0.0164 / 0.0164 -> 0.0166 / 0.0167: within the seeds' spread, 1-2% in the
-            # reconstructions. 4e-2: 90 kimg, shapes 56 / 67% (docs/study.md).
+            # reconstructions. 4e-2: 90 kimg, shapes 56 / 67%; 160 kimg, demo FD 20.7 / 33.6,
+            # shapes 75 / 71%: nothing more (docs/study.md).
             lr_generator=2e-2,
             lr_inference=1e-2,
             lr_energy=1e-2,
