@@ -18,8 +18,9 @@ gaps everywhere) and writes:
 Without ``--data`` the runs use the built-in demo (its widths, batch and resolution);
 with ``--data`` the demo's widths and batch too (``--`` passes any other train.py option to
 every run, e.g. ``-- --latent-dim 512 --channel-max 512 --mixed-precision bf16``). ``--jobs N`` runs
-N trainings at once (a GPU machine; on 2 CPU cores keep 1). ``--minutes M`` stops a run after M
-minutes of wall time and scores its last checkpoint (the table says where it stopped).
+N trainings at once (on a GPU machine, many; on 2 CPU cores, 2 with ``--threads 1`` take about as
+long as one two-thread run after the other). ``--minutes M`` stops a run after M minutes of wall
+time and scores its last checkpoint (the table says where it stopped).
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ COLUMNS = [  # (key, header, format)
     ("rec_mse_best_z", "rec MSE, best z", "{:.4f}"),
     ("rec_shapes", "rec shapes", "{:.0%}"), ("f_gap", "f gap (data−samples)", "{:.2f}"),
     ("f_gap_noise", "f gap (data−noise)", "{:.1f}"),
+]
+# The table's legend: (the columns a sentence explains, the sentence); a table prints those of
+# its own columns only (a --data table has no shapes or renders).
+LEGEND = [
+    (("demo_fd", "pixel_fd", "conv_fd"),
+     "Distances: value (floor: training vs held-out images / ceiling: noise vs held-out)."),
+    (("shapes_recognised",),
+     "shapes: samples whose shape the demo feature network names with confidence >= 0.9."),
+    (("rec_mse",), "rec MSE: on the data's held-out split."),
+    (("rec_mse_renders",), "2k renders: on 2,000 fresh demo renders (never trained on)."),
+    (("rec_mse_best_z",),
+     "rec MSE, best z: the held-out reconstruction error with each image's best latent code (Adam "
+     "on z from μ(x)): the generator's share; rec MSE minus it is the inference network's."),
+    (("rec_shapes",), "rec shapes: fresh renders whose reconstruction g(μ(x)) the demo feature "
+                      "network names as the rendered shape."),
+    (("f_gap", "f_gap_noise"),
+     "f gaps: the energy's mean f(data) − f(samples), f(data) − f(noise)."),
 ]
 
 
@@ -217,15 +235,8 @@ def write_table(rows: list[dict], path: Path, header: str) -> None:
         kimg = f"{r['kimg']:g}" + (" (stopped)" if r.get("stopped") else "")
         lines.append(f"| {r['run']} | {kimg} | {r['resolution']} | {r['seconds'] / 60:.1f} | "
                      + " | ".join(cell(r, k, f) for k, _, f in keys) + " |")
-    lines += ["", "Distances: value (floor: training vs held-out images / ceiling: noise vs "
-              "held-out). shapes: samples whose shape the demo feature network names with "
-              "confidence >= 0.9. rec MSE: on the data's held-out split; 2k renders: on 2,000 "
-              "fresh demo renders (never trained on). rec MSE, best z: the held-out "
-              "reconstruction error with each "
-              "image's best latent code (Adam on z from μ(x)): the generator's share; rec MSE "
-              "minus it is the inference network's. rec shapes: fresh renders whose "
-              "reconstruction g(μ(x)) the same network names as the rendered shape. f gaps: the "
-              "energy's mean f(data) − f(samples), f(data) − f(noise)."]
+    shown = {k for k, _, _ in keys}
+    lines += ["", " ".join(text for columns, text in LEGEND if shown.intersection(columns))]
     path.write_text("\n".join(lines) + "\n")
 
 

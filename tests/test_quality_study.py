@@ -82,8 +82,22 @@ def test_the_study_writes_a_row_per_run_with_every_measure(tmp_path):
         assert column in header, column
     body = [line for line in table if line.startswith("| triangle") or line.startswith("| vae")]
     assert len(body) == 2 and all(line.count("|") == header.count("|") for line in body)
+    assert "shapes: samples" in table[-1] and "2k renders:" in table[-1]  # the legend
     picture = Image.open(out / "quality.png")
     assert picture.height >= 3 * 8  # held-out row + one row per run
+
+
+def test_a_table_explains_its_own_columns_only(tmp_path):
+    """A --data study has no demo measures: its legend does not explain them."""
+    study = load_study()
+    row = {"run": "triangle (seed 0)", "kimg": 100.0, "resolution": 16, "seconds": 60.0,
+           "pixel_fd": 2.7, "pixel_fd_floor": 1.1, "pixel_fd_noise": 59.8, "conv_fd": 0.04,
+           "conv_fd_floor": 0.009, "conv_fd_noise": 1.6, "rec_mse": 0.031, "rec_mse_best_z": 0.016}
+    study.write_table([row], tmp_path / "quality.md", "photographs")
+    legend = (tmp_path / "quality.md").read_text().splitlines()[-1]
+    assert legend.startswith("Distances:") and "rec MSE, best z:" in legend
+    for absent in ("shapes:", "2k renders:", "rec shapes:", "f gaps:"):
+        assert absent not in legend, absent
 
 
 @pytest.mark.slow  # six toy trainings and their scoring: ~45 s on two cores
