@@ -18,8 +18,8 @@ gaps everywhere) and writes:
 Without ``--data`` the runs use the built-in demo (its widths, batch and resolution);
 with ``--data`` the demo's widths and batch too (``--`` passes any other train.py option to
 every run, e.g. ``-- --latent-dim 512 --channel-max 512 --mixed-precision bf16``). ``--jobs N`` runs
-N trainings at once (on a GPU machine, many; on 2 CPU cores, 2 with ``--threads 1`` take about as
-long as one two-thread run after the other). ``--minutes M`` stops a run after M minutes of wall
+N trainings at once (on a GPU machine, many; on 2 CPU cores, 2 with ``--threads 1`` pay or not
+by CPU: the README's "Sample quality" has both cases measured). ``--minutes M`` stops a run after M minutes of wall
 time and scores its last checkpoint (the table says where it stopped).
 """
 
